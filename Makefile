@@ -1,0 +1,72 @@
+# mod_minimix — build, run and test. See README.md.
+#
+#   make            build build/mod_minimix/ (the shim + the Rust core for the target Lua)
+#   make run        install what is missing, build, start a development Prosody (Ctrl-C stops)
+#   make test       install what is missing, then fmt, clippy, cargo test, luacheck, busted
+#   make install    copy build/mod_minimix/ into $(PLUGIN_DIR)
+
+PROSODY ?= /usr/bin/prosody
+# The Cargo feature of the Lua the target Prosody runs (lua54 for Prosody 13).
+LUA_FEATURE ?= $(shell scripts/lua-feature.sh $(PROSODY))
+CARGO ?= cargo
+CARGO_FLAGS = --release --no-default-features --features $(LUA_FEATURE)
+PREFIX ?= /usr/local
+PLUGIN_DIR ?= $(PREFIX)/lib/prosody-modules
+BUSTED ?= busted --lua=lua5.4
+C2S_PORT ?= 5222
+
+PLUGIN := build/mod_minimix
+SO := target/release/libminimix.so
+
+.PHONY: all build deps run test check unit spec lint install clean
+
+all: build
+
+build: $(PLUGIN)/mod_minimix.lua $(PLUGIN)/minimix.so
+
+$(PLUGIN)/minimix.so: Cargo.toml Cargo.lock $(wildcard src/*.rs)
+	$(CARGO) build $(CARGO_FLAGS)
+	mkdir -p $(PLUGIN)
+	cp $(SO) $@.tmp && mv $@.tmp $@
+
+$(PLUGIN)/mod_minimix.lua: lua/mod_minimix.lua
+	mkdir -p $(PLUGIN)
+	cp $< $@
+
+deps:
+	scripts/install-deps.sh
+
+run: deps build
+	@cfg=$$(C2S_PORT=$(C2S_PORT) scripts/dev-config.sh); \
+	echo; \
+	echo "Prosody with mod_minimix on 127.0.0.1:$(C2S_PORT)"; \
+	echo "  accounts: alice@localhost, bob@localhost (password: pass)"; \
+	echo "  rooms:    anything@conference.localhost"; \
+	echo "  connect a client to 127.0.0.1 port $(C2S_PORT), no TLS, PLAIN auth; Ctrl-C stops"; \
+	echo; \
+	exec $(PROSODY) --config $$cfg -F
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --all-targets -- -D warnings
+	luacheck -q lua spec
+
+unit:
+	$(CARGO) test
+
+spec: build
+	PROSODY=$(PROSODY) $(BUSTED) spec
+
+check: lint unit spec
+
+test: deps
+	$(MAKE) check
+
+install: build
+	install -d $(DESTDIR)$(PLUGIN_DIR)/mod_minimix
+	install -m 0644 $(PLUGIN)/mod_minimix.lua $(DESTDIR)$(PLUGIN_DIR)/mod_minimix/
+	install -m 0755 $(PLUGIN)/minimix.so $(DESTDIR)$(PLUGIN_DIR)/mod_minimix/
+
+clean:
+	rm -rf build
+	$(CARGO) clean

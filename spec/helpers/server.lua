@@ -1,0 +1,485 @@
+-- Start and stop a real Prosody for integration tests.
+--
+--   local Server = require "spec.helpers.server"
+--   local srv = Server.start{ module = false }   -- srv.port, srv.dir, srv.host, srv.muc_host
+--   ...
+--   Server.stop_all()                           -- from teardown()/finally()
+--
+-- Server.start(opts) options (all optional):
+--   module = true          load "minimix" on the VirtualHost (false: plain Prosody)
+--   plugin_path            dir holding mod_minimix/mod_minimix.lua (default <repo>/build)
+--   host, muc_host         "localhost", "conference.localhost"
+--   accounts               { user = password }, default alice/bob/carol/dave with "pass"
+--   modules, options       extra modules_enabled / options for the VirtualHost
+--                          (e.g. smacks_hibernation_time, default 60; minimix_* settings)
+--   muc_modules, muc_options   the same for the MUC component
+--   global_options         extra/overriding global options
+--   log_level ("debug"), http (true: give http_ports a free port, srv.http_port),
+--   port (default: a free one), start_timeout (10 s)
+--
+-- Every server gets a fresh temp dir holding its config (prosody.cfg.lua), data_path
+-- (data/), log (prosody.log) and stdout/stderr (stdout.log). Accounts are written straight
+-- into data/ in the format mod_auth_internal_plain reads, so start-up stays fast.
+--
+-- Prosody runs under a small supervising shell that waits for it (so no zombie outlives it)
+-- and kills it if the test process (busted) goes away without calling stop().
+--
+-- PROSODY=/path/to/prosody selects the executable: an installed one (its CFG_SOURCEDIR
+-- points at the libraries) or a source checkout (run with $PROSODY_LUA, default lua5.4,
+-- from inside the checkout). Temp dirs are removed by stop_all()/destroy() unless
+-- MINIMIX_KEEP_TMP is set.
+
+local socket = require "socket"
+
+local Server = {}
+Server.__index = Server
+
+local running = {} -- every started server object, so stop_all() can find them
+
+local function sh_quote(s)
+	return "'" .. tostring(s):gsub("'", "'\\''") .. "'"
+end
+
+local function capture(cmd)
+	local f = assert(io.popen(cmd, "r"))
+	local out = f:read("a")
+	local ok, _, code = f:close()
+	return out, ok, code
+end
+
+local function read_file(path)
+	local f = io.open(path, "r")
+	if not f then return nil end
+	local data = f:read("a")
+	f:close()
+	return data
+end
+
+local function write_file(path, data)
+	local f = assert(io.open(path, "w"))
+	assert(f:write(data))
+	assert(f:close())
+end
+
+local function dirname(path)
+	return path:match("^(.*)/[^/]*$") or "."
+end
+
+local function realpath(path)
+	local out = capture("readlink -f " .. sh_quote(path))
+	out = out:gsub("%s+$", "")
+	return out ~= "" and out or path
+end
+
+-- The repository root: two levels above this file.
+local function repo_root()
+	local src = debug.getinfo(1, "S").source:gsub("^@", "")
+	if src:sub(1, 1) ~= "/" then
+		src = capture("pwd"):gsub("%s+$", "") .. "/" .. src
+	end
+	return realpath(dirname(src) .. "/../..")
+end
+
+---------------------------------------------------------------------------
+-- Locating Prosody
+
+local function prosody_script()
+	local exe = os.getenv("PROSODY") or "/usr/bin/prosody"
+	if not exe:find("/", 1, true) then
+		local found = capture("command -v " .. sh_quote(exe)):gsub("%s+$", "")
+		assert(found ~= "", "prosody executable not found: " .. exe)
+		exe = found
+	end
+	exe = realpath(exe)
+	assert(read_file(exe), "cannot read prosody executable " .. exe)
+	return exe
+end
+
+-- Installed Prosody has the library dir baked into the script; a checkout does not.
+local function script_sourcedir(script)
+	local text = read_file(script) or ""
+	return text:match("\nCFG_SOURCEDIR%s*=%s*['\"]([^'\"]+)['\"]")
+end
+
+--- Directory holding Prosody's util/, core/, net/ (and loader.lua on 0.12+/13).
+function Server.prosody_lib_dir()
+	local script = prosody_script()
+	local dir = script_sourcedir(script) or dirname(script)
+	return (dir:gsub("/+$", ""))
+end
+
+-- argv prefix (already shell-quoted) and working dir to run a sibling of the prosody
+-- script ("prosody" or "prosodyctl").
+local function command_for(name)
+	local script = prosody_script()
+	local path = dirname(script) .. "/" .. name
+	if script_sourcedir(script) then
+		return sh_quote(path), "/"
+	end
+	return sh_quote(os.getenv("PROSODY_LUA") or "lua5.4") .. " " .. sh_quote(path), dirname(script)
+end
+
+---------------------------------------------------------------------------
+-- Processes
+
+local function sleep(s) socket.sleep(s) end
+
+local function alive(pid)
+	local stat = read_file("/proc/" .. pid .. "/stat")
+	if stat then
+		return not stat:match("^%d+ %b() [ZX]")
+	end
+	return os.execute("kill -0 " .. pid .. " 2>/dev/null") == true
+end
+
+local function signal(pid, sig)
+	os.execute(("kill -%s %d 2>/dev/null"):format(sig, pid))
+end
+
+local function wait_dead(pid, timeout)
+	local deadline = socket.gettime() + timeout
+	while alive(pid) do
+		if socket.gettime() > deadline then return false end
+		sleep(0.05)
+	end
+	return true
+end
+
+local function my_pid()
+	local stat = assert(read_file("/proc/self/stat"), "needs /proc")
+	return tonumber(stat:match("^(%d+)"))
+end
+
+local function free_port()
+	local s = assert(socket.bind("127.0.0.1", 0))
+	local _, port = s:getsockname()
+	s:close()
+	return tonumber(port)
+end
+
+local function port_open(port)
+	local c = socket.tcp()
+	c:settimeout(0.2)
+	local ok = c:connect("127.0.0.1", port)
+	c:close()
+	return ok ~= nil
+end
+
+---------------------------------------------------------------------------
+-- Config
+
+local function is_identifier(k)
+	return type(k) == "string" and k:match("^[%a_][%w_]*$") ~= nil
+end
+
+-- Serialise a Lua value (numbers, strings, booleans, nested tables) as Lua source.
+local function serialise(v)
+	local t = type(v)
+	if t == "string" then
+		return ("%q"):format(v)
+	elseif t == "number" then
+		return math.type(v) == "integer" and tostring(v) or ("%.17g"):format(v)
+	elseif t == "boolean" or t == "nil" then
+		return tostring(v)
+	elseif t == "table" then
+		local parts, n = {}, #v
+		for i = 1, n do parts[#parts + 1] = serialise(v[i]) end
+		local keys = {}
+		for k in pairs(v) do
+			if not (math.type(k) == "integer" and k >= 1 and k <= n) then keys[#keys + 1] = k end
+		end
+		table.sort(keys, function(a, b) return tostring(a) < tostring(b) end)
+		for _, k in ipairs(keys) do
+			local key = is_identifier(k) and k or ("[" .. serialise(k) .. "]")
+			parts[#parts + 1] = key .. " = " .. serialise(v[k])
+		end
+		return "{ " .. table.concat(parts, ", ") .. " }"
+	end
+	error("cannot serialise a " .. t .. " into the Prosody config")
+end
+
+local function option_lines(options, indent)
+	local keys = {}
+	for k in pairs(options) do
+		assert(is_identifier(k), "config option names must be identifiers: " .. tostring(k))
+		keys[#keys + 1] = k
+	end
+	table.sort(keys)
+	local lines = {}
+	for _, k in ipairs(keys) do
+		lines[#lines + 1] = indent .. k .. " = " .. serialise(options[k])
+	end
+	return table.concat(lines, "\n")
+end
+
+-- Modules every test server needs on top of Prosody's autoloaded ones
+-- (presence, message, iq, offline, c2s; s2s is disabled below).
+Server.base_modules = {
+	"saslauth",    -- SASL PLAIN and resource binding
+	"roster",      -- jabber:iq:roster; presence broadcast reads the roster
+	"disco",       -- service discovery on the VirtualHost
+	"ping",        -- XEP-0199, handy liveness check
+	"smacks",      -- XEP-0198 stream management and hibernation
+	"admin_shell", -- server:shell(); pulls in admin_socket (data/prosody.sock)
+}
+
+local function merge(a, b)
+	local out = {}
+	for k, v in pairs(a or {}) do out[k] = v end
+	for k, v in pairs(b or {}) do out[k] = v end
+	return out
+end
+
+local function list_concat(...)
+	local out = {}
+	for i = 1, select("#", ...) do
+		for _, v in ipairs(select(i, ...) or {}) do out[#out + 1] = v end
+	end
+	return out
+end
+
+function Server:write_config()
+	local o = self.opts
+	local global = {
+		pidfile = self.dir .. "/prosody.pid",
+		data_path = self.dir .. "/data",
+		plugin_paths = { o.plugin_path },
+		interfaces = { "127.0.0.1" },
+		local_interfaces = { "127.0.0.1" },
+		c2s_ports = { self.port },
+		c2s_direct_tls_ports = {},
+		legacy_ssl_ports = {},
+		s2s_ports = {},
+		component_ports = {},
+		http_ports = { self.http_port },
+		https_ports = {},
+		c2s_require_encryption = false,
+		s2s_require_encryption = false,
+		allow_unencrypted_plain_auth = true,
+		authentication = "internal_plain",
+		storage = "internal",
+		log = { { levels = { min = o.log_level }, to = "file", filename = self.dir .. "/prosody.log" } },
+		modules_enabled = Server.base_modules,
+		modules_disabled = { "s2s", "s2s_auth_certs" },
+	}
+	if self.is_root then global.run_as_root = true end
+	global = merge(global, o.global_options)
+
+	local vhost = merge({ smacks_hibernation_time = 60 }, o.options)
+	vhost.modules_enabled = list_concat(o.module and { "minimix" } or {}, o.modules)
+
+	local muc = merge({ restrict_room_creation = false }, o.muc_options)
+	muc.modules_enabled = o.muc_modules
+
+	local cfg = table.concat({
+		"-- Generated by spec/helpers/server.lua",
+		option_lines(global, ""),
+		"",
+		"VirtualHost " .. serialise(self.host),
+		option_lines(vhost, "\t"),
+		"",
+		"Component " .. serialise(self.muc_host) .. ' "muc"',
+		option_lines(muc, "\t"),
+		"",
+	}, "\n")
+	write_file(self.config, cfg)
+end
+
+-- datamanager's file name encoding: every non-alphanumeric char as %xx.
+local function dm_encode(s)
+	return (s:gsub("%W", function(c) return ("%%%02x"):format(c:byte()) end))
+end
+
+function Server:write_accounts()
+	local dir = self.dir .. "/data/" .. dm_encode(self.host) .. "/accounts"
+	-- certs/ only exists so certmanager does not log an error about a missing dir
+	os.execute("mkdir -p " .. sh_quote(dir) .. " " .. sh_quote(self.dir .. "/certs"))
+	for user, password in pairs(self.opts.accounts) do
+		write_file(dir .. "/" .. dm_encode(user) .. ".dat",
+			("return {\n\t[\"password\"] = %s;\n};\n"):format(serialise(password)))
+	end
+end
+
+---------------------------------------------------------------------------
+-- Lifecycle
+
+local function tail(text, n)
+	local lines = {}
+	for line in (text or ""):gmatch("[^\n]*") do lines[#lines + 1] = line end
+	return table.concat(lines, "\n", math.max(1, #lines - n), #lines)
+end
+
+-- Launch Prosody under a supervising shell: it records the PID, waits for Prosody (so it is
+-- reaped at once) and, in the background, kills it if the test process disappears.
+function Server:launch()
+	local prosody, cwd = command_for("prosody")
+	local pidfile = self.dir .. "/harness.pid"
+	os.remove(pidfile)
+	local script = table.concat({
+		"cd " .. sh_quote(cwd) .. " || exit 1",
+		("exec %s --config %s >>%s 2>&1 </dev/null &"):format(prosody, sh_quote(self.config),
+			sh_quote(self.dir .. "/stdout.log")),
+		"P=$!",
+		("echo $P > %s.tmp && mv %s.tmp %s"):format(sh_quote(pidfile), sh_quote(pidfile), sh_quote(pidfile)),
+		("(while kill -0 %d 2>/dev/null; do sleep 1; done; kill -TERM $P 2>/dev/null; sleep 5;"
+			.. " kill -KILL $P 2>/dev/null) &"):format(my_pid()),
+		"W=$!",
+		"wait $P",
+		"kill $W 2>/dev/null",
+	}, "\n")
+	os.execute("(" .. script .. "\n) >/dev/null 2>&1 </dev/null &")
+
+	local deadline = socket.gettime() + 5
+	repeat
+		local pid = tonumber(read_file(pidfile) or "")
+		if pid then self.pid = pid break end
+		sleep(0.02)
+	until socket.gettime() > deadline
+	if not self.pid then error("prosody did not launch (no pid file) in " .. self.dir) end
+
+	deadline = socket.gettime() + (self.opts.start_timeout or 10)
+	while not port_open(self.port) do
+		if not alive(self.pid) or socket.gettime() > deadline then
+			local why = alive(self.pid) and "did not open c2s port " .. self.port or "exited"
+			self:stop()
+			error(("prosody %s (dir %s)\n--- stdout/stderr:\n%s\n--- log tail:\n%s"):format(why, self.dir,
+				tail(read_file(self.dir .. "/stdout.log"), 20), tail(self:log(), 40)), 2)
+		end
+		sleep(0.05)
+	end
+	self.running = true
+	running[self] = true
+	return self
+end
+
+--- Start a Prosody; see the file header for the options. Errors (with the log tail) if
+--- the c2s port never opens.
+function Server.start(opts)
+	opts = opts or {}
+	local root = repo_root()
+	local o = {
+		module = opts.module ~= false,
+		plugin_path = opts.plugin_path or (root .. "/build"),
+		host = opts.host or "localhost",
+		muc_host = opts.muc_host or "conference.localhost",
+		accounts = opts.accounts or { alice = "pass", bob = "pass", carol = "pass", dave = "pass" },
+		modules = opts.modules or {},
+		options = opts.options or {},
+		muc_options = opts.muc_options or {},
+		muc_modules = opts.muc_modules or {},
+		global_options = opts.global_options or {},
+		log_level = opts.log_level or "debug",
+		http = opts.http,
+		start_timeout = opts.start_timeout,
+	}
+	local dir = capture("mktemp -d /tmp/minimix-spec.XXXXXX"):gsub("%s+$", "")
+	assert(dir ~= "", "mktemp failed")
+	local self = setmetatable({
+		opts = o,
+		dir = dir,
+		config = dir .. "/prosody.cfg.lua",
+		host = o.host,
+		muc_host = o.muc_host,
+		port = opts.port or free_port(),
+		http_port = o.http and free_port() or nil,
+		is_root = capture("id -u"):match("^0%s") ~= nil,
+	}, Server)
+	self:write_config()
+	self:write_accounts()
+	running[self] = true -- so stop_all() cleans up even if launch fails
+	return self:launch()
+end
+
+--- SIGTERM, wait up to `timeout` (default 5) seconds, then SIGKILL.
+function Server:stop(timeout)
+	if self.pid and alive(self.pid) then
+		signal(self.pid, "TERM")
+		if not wait_dead(self.pid, timeout or 5) then
+			signal(self.pid, "KILL")
+			wait_dead(self.pid, 5)
+		end
+	end
+	self.running = false
+	return self
+end
+
+--- SIGKILL, no shutdown at all (as in a crash).
+function Server:kill9()
+	if self.pid and alive(self.pid) then
+		signal(self.pid, "KILL")
+		wait_dead(self.pid, 5)
+	end
+	self.running = false
+	return self
+end
+
+--- Stop and start again on the same data dir, config and port.
+function Server:restart()
+	self:stop()
+	self.pid = nil
+	return self:launch()
+end
+
+--- Stop and delete the temp dir (unless MINIMIX_KEEP_TMP is set).
+function Server:destroy()
+	self:stop()
+	running[self] = nil
+	if not os.getenv("MINIMIX_KEEP_TMP") and self.dir:match("^/tmp/minimix%-spec%.") then
+		os.execute("rm -rf " .. sh_quote(self.dir))
+	end
+end
+
+--- Stop (and clean up) every server started by this process.
+function Server.stop_all()
+	for srv in pairs(running) do srv:destroy() end
+end
+
+---------------------------------------------------------------------------
+-- Inspection
+
+function Server:log()
+	return read_file(self.dir .. "/prosody.log") or ""
+end
+
+--- Lua-pattern search over the log (plain = true for a plain substring).
+function Server:log_has(pattern, plain)
+	return self:log():find(pattern, 1, plain) ~= nil
+end
+
+--- Log lines that look like Lua errors: error-level lines, tracebacks and the lines
+--- following them. `ignore` is an optional list of Lua patterns for expected errors.
+function Server:tracebacks(ignore)
+	local found, in_trace = {}, false
+	for line in self:log():gmatch("[^\n]+") do
+		local is_entry = line:match("^%a%a%a %d%d %d%d:%d%d:%d%d ") ~= nil
+		local hit = line:find("\terror\t", 1, true) or line:find("stack traceback", 1, true)
+			or line:find("Traceback", 1, true) or line:find("Top-level error", 1, true)
+		if hit then
+			in_trace = true
+		elseif is_entry then
+			in_trace = false
+		end
+		if hit or in_trace then
+			local ignored = false
+			for _, pat in ipairs(ignore or {}) do
+				if line:find(pat) then ignored = true break end
+			end
+			if not ignored then found[#found + 1] = line end
+		end
+	end
+	return found
+end
+
+--- Run `prosodyctl --config <cfg> shell <cmd>` against the admin socket.
+--- Returns the output (stdout+stderr) and whether the command succeeded.
+function Server:shell(cmd)
+	local prosodyctl, cwd = command_for("prosodyctl")
+	local out, ok = capture(("cd %s && %s --config %s shell %s 2>&1"):format(sh_quote(cwd), prosodyctl,
+		sh_quote(self.config), sh_quote(cmd)))
+	return out, ok == true
+end
+
+-- Last resort: stop servers when the Lua state closes (busted exit) if nobody did.
+Server._sentinel = setmetatable({}, { __gc = function() Server.stop_all() end })
+
+return Server

@@ -1,0 +1,780 @@
+//! The state of one VirtualHost: every account's memberships. Events go in, actions come
+//! out; nothing here does I/O, so every flow of the behaviour contract is a plain unit test.
+
+use std::collections::HashMap;
+
+use minidom::Element;
+use xmpp_parsers::muc::muc::History as HistoryRequest;
+
+use crate::iq::{IqProxy, PendingIq};
+use crate::membership::{Membership, Phase};
+use crate::stanza::{
+    self, Addr, Head, Kind, NS_CLIENT, NS_MUC, NS_MUC_USER, NS_PING, NS_TEST_FAULT, n, status,
+};
+
+/// Settings, read by the shim from `minimix_*` options.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Groupchat messages kept per room for later joins.
+    pub history_length: usize,
+    /// Rooms one account may be in through the module.
+    pub max_rooms: usize,
+    /// Occupant presences kept per room.
+    pub max_occupants: usize,
+    /// IQs pending per account, and how long (seconds) a reply is waited for.
+    pub max_pending_iqs: usize,
+    pub iq_timeout: i64,
+    /// MUC hosts and rooms left alone (e.g. IRC gateways).
+    pub excluded_hosts: Vec<String>,
+    pub excluded_rooms: Vec<String>,
+    /// Honour test-fault payloads (for the specs that prove failures are contained).
+    pub test_faults: bool,
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            history_length: 20,
+            max_rooms: 100,
+            max_occupants: 1000,
+            max_pending_iqs: 256,
+            iq_timeout: 120,
+            excluded_hosts: Vec::new(),
+            excluded_rooms: Vec::new(),
+            test_faults: false,
+        }
+    }
+}
+
+/// What to do with a stanza that is not the one that came in.
+#[derive(Debug)]
+pub enum Out {
+    /// The stanza that came in, its `id` replaced when given.
+    Original {
+        id: Option<String>,
+    },
+    New(Element),
+}
+
+#[derive(Debug)]
+pub enum Action {
+    /// Give to one session of the account, `to` set to that session's full JID.
+    Deliver { resource: String, stanza: Out },
+    /// Send into the network from the account's bare JID.
+    Send { stanza: Out },
+}
+
+/// The result of one event. `handled` false means Prosody goes on as if the module were
+/// not loaded; the actions are then empty.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    pub handled: bool,
+    /// The account the actions are for.
+    pub user: Option<String>,
+    pub actions: Vec<Action>,
+    /// Lines worth an admin's attention (logged by the shim at info).
+    pub notes: Vec<String>,
+}
+
+impl Outcome {
+    fn pass() -> Outcome {
+        Outcome::default()
+    }
+
+    fn handled(user: &str) -> Outcome {
+        Outcome {
+            handled: true,
+            user: Some(user.to_owned()),
+            ..Outcome::default()
+        }
+    }
+
+    fn deliver(&mut self, resource: &str, stanza: Out) {
+        self.actions.push(Action::Deliver {
+            resource: resource.to_owned(),
+            stanza,
+        });
+    }
+
+    fn deliver_original(&mut self, resource: &str) {
+        self.deliver(resource, Out::Original { id: None });
+    }
+
+    fn send_original(&mut self, id: Option<String>) {
+        self.actions.push(Action::Send {
+            stanza: Out::Original { id },
+        });
+    }
+}
+
+#[derive(Debug, Default)]
+struct Account {
+    rooms: HashMap<String, Membership>,
+    iqs: IqProxy,
+}
+
+/// Counts for the admin and the tests.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Stats {
+    pub accounts: usize,
+    pub memberships: usize,
+    pub joined_sessions: usize,
+    pub cached_presences: usize,
+    pub cached_messages: usize,
+    pub pending_iqs: usize,
+}
+
+pub struct Host {
+    domain: String,
+    config: Config,
+    accounts: HashMap<String, Account>,
+    iq_seq: u64,
+}
+
+impl Host {
+    pub fn new(domain: &str, config: Config) -> Host {
+        Host {
+            domain: domain.to_owned(),
+            config,
+            accounts: HashMap::new(),
+            iq_seq: 0,
+        }
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    fn excluded(&self, room: &str, muc_host: &str) -> bool {
+        self.config.excluded_hosts.iter().any(|h| h == muc_host)
+            || self.config.excluded_rooms.iter().any(|r| r == room)
+    }
+
+    // ---------------------------------------------------------------------------------
+    // A session of this host sent a stanza (Prosody's pre-<kind>/full and /bare events).
+
+    pub fn session_stanza(
+        &mut self,
+        user: &str,
+        resource: &str,
+        el: &Element,
+        now: i64,
+    ) -> Outcome {
+        let Some(head) = Head::of(el) else {
+            return Outcome::pass();
+        };
+        let Some(to) = head.to.and_then(Addr::parse) else {
+            return Outcome::pass();
+        };
+        if to.node.is_none() || to.domain == self.domain {
+            return Outcome::pass();
+        }
+        let room = Addr::bare_of(head.to.unwrap_or_default());
+        if self.excluded(room, to.domain) {
+            return Outcome::pass();
+        }
+        if self.config.test_faults
+            && let Some(fault) = el.get_child("fault", NS_TEST_FAULT)
+            && fault.attr("kind") == Some("panic")
+        {
+            panic!("deliberate test fault");
+        }
+        match head.kind {
+            Kind::Presence => {
+                self.session_presence(user, resource, el, &head, room, to.resource, now)
+            }
+            Kind::Message => self.session_message(user, resource, &head, room),
+            Kind::Iq => self.session_iq(user, resource, el, &head, room, to.resource, now),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn session_presence(
+        &mut self,
+        user: &str,
+        resource: &str,
+        el: &Element,
+        head: &Head,
+        room: &str,
+        nick: Option<&str>,
+        now: i64,
+    ) -> Outcome {
+        // A presence to the bare room JID is left to the room, which answers it.
+        let Some(nick) = nick else {
+            return Outcome::pass();
+        };
+        match head.type_ {
+            None => self.session_available(user, resource, el, room, nick, now),
+            Some("unavailable") => self.session_unavailable(user, resource, room),
+            Some("error") => {
+                // An error presence from the account would make the room kick it.
+                let joined = self
+                    .membership(user, room)
+                    .is_some_and(|m| m.is_participant(resource));
+                if joined {
+                    Outcome::handled(user)
+                } else {
+                    Outcome::pass()
+                }
+            }
+            Some(_) => Outcome::pass(),
+        }
+    }
+
+    fn session_available(
+        &mut self,
+        user: &str,
+        resource: &str,
+        el: &Element,
+        room: &str,
+        nick: &str,
+        now: i64,
+    ) -> Outcome {
+        let is_join = el.has_child("x", NS_MUC);
+        let max_rooms = self.config.max_rooms;
+        let account = self.accounts.entry(user.to_owned()).or_default();
+        let mut out = Outcome::handled(user);
+        let Some(m) = account.rooms.get_mut(room) else {
+            // First join: the account joins. The membership is recorded before the join is
+            // sent, because a MUC on this server answers while the join is being sent.
+            if account.rooms.len() >= max_rooms {
+                let text = format!("Too many rooms joined by this account (limit {max_rooms})");
+                let reply = stanza::error_reply(
+                    el,
+                    &format!("{room}/{nick}"),
+                    "wait",
+                    "resource-constraint",
+                    &text,
+                );
+                out.deliver(resource, Out::New(reply));
+                return out;
+            }
+            if jid::FullJid::new(&format!("{room}/{nick}")).is_err() {
+                return Outcome::pass();
+            }
+            account
+                .rooms
+                .insert(room.to_owned(), Membership::new(room, nick, resource));
+            out.notes.push(format!(
+                "{user} joins {room} as {nick} (first session {resource})"
+            ));
+            out.send_original(None);
+            return out;
+        };
+        let participant = m.participant(resource).map(|p| p.joined);
+        match (m.phase, participant) {
+            (Phase::Leaving, _) => {
+                m.restart(nick, resource);
+                out.notes
+                    .push(format!("{user} rejoins {room} as {nick} while leaving it"));
+                out.send_original(None);
+            }
+            (Phase::Joined, Some(true)) if !is_join => {
+                if nick != m.nick {
+                    m.nick_change_by = Some(resource.to_owned());
+                }
+                out.send_original(None);
+            }
+            (Phase::Joining, Some(false)) if !is_join => out.send_original(None),
+            (Phase::Joined, _) => {
+                m.add(resource, true);
+                serve_join(m, resource, el, nick, now, &mut out);
+            }
+            (Phase::Joining, _) => {
+                // The account's join is in flight: replay what arrived, the rest follows.
+                m.add(resource, false);
+                for p in m.occupants.others(&m.nick) {
+                    out.deliver(resource, Out::New(p.clone()));
+                }
+            }
+        }
+        out
+    }
+
+    fn session_unavailable(&mut self, user: &str, resource: &str, room: &str) -> Outcome {
+        let Some(m) = self.membership_mut(user, room) else {
+            return Outcome::pass();
+        };
+        if !m.remove(resource) {
+            return Outcome::pass();
+        }
+        let mut out = Outcome::handled(user);
+        if m.participants.is_empty() {
+            // The last session leaves: the account leaves; the room's answer goes to it.
+            m.phase = Phase::Leaving;
+            m.leave_waiters.push(resource.to_owned());
+            out.notes.push(format!(
+                "{user} leaves {room} (last session {resource} left)"
+            ));
+            out.send_original(None);
+        } else {
+            out.deliver(resource, Out::New(leave_presence(m)));
+        }
+        out
+    }
+
+    fn session_message(&mut self, user: &str, resource: &str, head: &Head, room: &str) -> Outcome {
+        let Some(m) = self.membership(user, room) else {
+            return Outcome::pass();
+        };
+        if !m.is_participant(resource) {
+            return Outcome::pass();
+        }
+        let mut out = Outcome::handled(user);
+        if !head.is_type("error") {
+            out.send_original(None);
+        }
+        // An error message from the account would make the room kick it: dropped.
+        out
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn session_iq(
+        &mut self,
+        user: &str,
+        resource: &str,
+        el: &Element,
+        head: &Head,
+        room: &str,
+        nick: Option<&str>,
+        now: i64,
+    ) -> Outcome {
+        let (timeout, limit) = (self.config.iq_timeout, self.config.max_pending_iqs);
+        let Some(account) = self.accounts.get_mut(user) else {
+            return Outcome::pass();
+        };
+        let Some(m) = account.rooms.get(room) else {
+            return Outcome::pass();
+        };
+        let is_ping = el.children().next().is_some_and(|c| c.is("ping", NS_PING));
+        let self_ping = is_ping && nick == Some(m.nick.as_str());
+        let mut out = Outcome::handled(user);
+        if !m.is_participant(resource) {
+            if self_ping && head.is_type("get") {
+                // XEP-0410: a session that has not joined is not an occupant.
+                let reply = stanza::error_reply(
+                    el,
+                    head.to.unwrap_or_default(),
+                    "cancel",
+                    "not-acceptable",
+                    "This session has not joined the room",
+                );
+                out.deliver(resource, Out::New(reply));
+                return out;
+            }
+            return Outcome::pass();
+        }
+        match head.type_ {
+            Some("get" | "set") => {
+                self.iq_seq += 1;
+                let our_id = format!("mmx{}", self.iq_seq);
+                account.iqs.track(
+                    our_id.clone(),
+                    PendingIq {
+                        resource: resource.to_owned(),
+                        id: head.id.map(str::to_owned),
+                        to: head.to.unwrap_or_default().to_owned(),
+                        self_ping,
+                        sent: now,
+                    },
+                    timeout,
+                    limit,
+                );
+                out.send_original(Some(our_id));
+            }
+            // Replies to IQs the room forwarded to the account.
+            Some("result" | "error") => out.send_original(None),
+            _ => return Outcome::pass(),
+        }
+        out
+    }
+
+    // ---------------------------------------------------------------------------------
+    // Something arrived for an account of this host (presence/bare, message/bare, iq/bare).
+
+    pub fn room_stanza(&mut self, el: &Element, now: i64) -> Outcome {
+        let Some(head) = Head::of(el) else {
+            return Outcome::pass();
+        };
+        let Some(to) = head.to.and_then(Addr::parse) else {
+            return Outcome::pass();
+        };
+        let (Some(user), None) = (to.node, to.resource) else {
+            return Outcome::pass();
+        };
+        if to.domain != self.domain {
+            return Outcome::pass();
+        }
+        let Some(from_text) = head.from else {
+            return Outcome::pass();
+        };
+        let Some(from) = Addr::parse(from_text) else {
+            return Outcome::pass();
+        };
+        let room = Addr::bare_of(from_text);
+        match head.kind {
+            Kind::Iq => self.room_iq(user, &head, room, from_text),
+            Kind::Presence => self.room_presence(user, el, &head, room, from.resource),
+            Kind::Message => self.room_message(user, el, &head, room, now),
+        }
+    }
+
+    fn room_presence(
+        &mut self,
+        user: &str,
+        el: &Element,
+        head: &Head,
+        room: &str,
+        nick: Option<&str>,
+    ) -> Outcome {
+        let max_occupants = self.config.max_occupants;
+        let Some(account) = self.accounts.get_mut(user) else {
+            return Outcome::pass();
+        };
+        let Some(m) = account.rooms.get_mut(room) else {
+            return Outcome::pass();
+        };
+        let mut out = Outcome::handled(user);
+        if head.is_type("error") {
+            match m.phase {
+                Phase::Joining => {
+                    for r in m.recipients() {
+                        out.deliver_original(r);
+                    }
+                    out.notes.push(format!(
+                        "{user} could not join {room}: {}",
+                        stanza::error_condition(el).unwrap_or("error")
+                    ));
+                    account.rooms.remove(room);
+                    drop_empty(&mut self.accounts, user);
+                }
+                Phase::Leaving => {
+                    for r in &m.leave_waiters {
+                        out.deliver_original(r);
+                    }
+                    account.rooms.remove(room);
+                    drop_empty(&mut self.accounts, user);
+                }
+                Phase::Joined => match m.nick_change_by.take() {
+                    Some(asker) => out.deliver_original(&asker),
+                    None => {
+                        for r in m.recipients() {
+                            out.deliver_original(r);
+                        }
+                    }
+                },
+            }
+            return out;
+        }
+        let Some(nick) = nick else {
+            for r in m.recipients() {
+                out.deliver_original(r);
+            }
+            return out;
+        };
+        let unavailable = head.is_type("unavailable");
+        let codes = stanza::status_codes(el);
+        let is_self = codes.contains(&status::SELF_PRESENCE);
+        let nick_changed = unavailable && codes.contains(&status::NEW_NICK);
+        if !is_self {
+            if nick_changed {
+                m.occupants.remove(nick);
+            } else {
+                m.occupants.update(nick, el, !unavailable, max_occupants);
+            }
+            if m.phase != Phase::Leaving {
+                for r in m.recipients() {
+                    out.deliver_original(r);
+                }
+            }
+            return out;
+        }
+        if !unavailable {
+            if m.phase == Phase::Leaving {
+                return out;
+            }
+            if m.phase == Phase::Joining {
+                out.notes.push(format!("{user} joined {room} as {nick}"));
+            }
+            m.phase = Phase::Joined;
+            m.mark_all_joined();
+            m.nick = nick.to_owned();
+            m.nick_change_by = None;
+            m.self_presence = Some(el.clone());
+            for r in m.recipients() {
+                out.deliver_original(r);
+            }
+            return out;
+        }
+        if nick_changed {
+            if let Some(new_nick) = stanza::muc_item(el).and_then(|i| i.attr("nick")) {
+                m.nick = new_nick.to_owned();
+            }
+            for r in m.recipients() {
+                out.deliver_original(r);
+            }
+            return out;
+        }
+        if !m.leave_waiters.is_empty() {
+            // The answer to the account's own leave.
+            for r in std::mem::take(&mut m.leave_waiters) {
+                out.deliver_original(&r);
+            }
+            if m.phase == Phase::Leaving {
+                account.rooms.remove(room);
+                drop_empty(&mut self.accounts, user);
+                out.notes.push(format!("{user} left {room}"));
+            }
+            return out;
+        }
+        // Removed by the room: kick, ban, affiliation change, members-only, shutdown,
+        // error kick or destruction. Every session learns it; nobody rejoins on its own.
+        for r in m.recipients() {
+            out.deliver_original(r);
+        }
+        out.notes
+            .push(format!("{user} was removed from {room} (status {codes:?})"));
+        account.rooms.remove(room);
+        drop_empty(&mut self.accounts, user);
+        out
+    }
+
+    fn room_message(
+        &mut self,
+        user: &str,
+        el: &Element,
+        head: &Head,
+        room: &str,
+        now: i64,
+    ) -> Outcome {
+        let history_length = self.config.history_length;
+        let Some(m) = self.membership_mut(user, room) else {
+            return Outcome::pass();
+        };
+        let mut out = Outcome::handled(user);
+        if m.phase == Phase::Leaving {
+            return out;
+        }
+        if head.is_type("groupchat") {
+            if el.has_child("subject", NS_CLIENT) {
+                if !el.has_child("body", NS_CLIENT) {
+                    m.subject = Some(el.clone());
+                }
+            } else if el.has_child("body", NS_CLIENT) {
+                m.history.push(el, now, history_length);
+            }
+        }
+        for r in m.recipients() {
+            out.deliver_original(r);
+        }
+        out
+    }
+
+    fn room_iq(&mut self, user: &str, head: &Head, room: &str, from: &str) -> Outcome {
+        let Some(account) = self.accounts.get_mut(user) else {
+            return Outcome::pass();
+        };
+        let mut out = Outcome::handled(user);
+        match head.type_ {
+            Some("result" | "error") => {
+                let Some(pending) = head.id.and_then(|id| account.iqs.take(id, from)) else {
+                    return Outcome::pass();
+                };
+                if pending.self_ping && head.is_type("error") {
+                    out.notes.push(format!(
+                        "{user} is no longer in {room} (self-ping answered with an error)"
+                    ));
+                    account.rooms.remove(room);
+                }
+                out.deliver(&pending.resource, Out::Original { id: pending.id });
+                drop_empty(&mut self.accounts, user);
+                out
+            }
+            _ => {
+                let Some(m) = account.rooms.get(room) else {
+                    return Outcome::pass();
+                };
+                // An IQ another occupant sent to the account's nick: one joined session
+                // answers, as the room does for occupants with several sessions.
+                match m.latest_joined() {
+                    Some(r) => {
+                        out.deliver_original(r);
+                        out
+                    }
+                    None => Outcome::pass(),
+                }
+            }
+        }
+    }
+
+    // ---------------------------------------------------------------------------------
+    // A session ended without leaving (disconnect, timeout, expired hibernation).
+
+    pub fn session_ended(&mut self, user: &str, resource: &str) -> Outcome {
+        let Some(account) = self.accounts.get_mut(user) else {
+            return Outcome::pass();
+        };
+        let mut out = Outcome::pass();
+        for m in account.rooms.values_mut() {
+            if m.remove(resource) && m.participants.is_empty() && m.phase != Phase::Leaving {
+                out.notes.push(format!(
+                    "{user} stays in {} with no session joined ({resource} ended)",
+                    m.room
+                ));
+            }
+        }
+        account.iqs.forget_session(resource);
+        out
+    }
+
+    // ---------------------------------------------------------------------------------
+
+    fn membership(&self, user: &str, room: &str) -> Option<&Membership> {
+        self.accounts.get(user)?.rooms.get(room)
+    }
+
+    fn membership_mut(&mut self, user: &str, room: &str) -> Option<&mut Membership> {
+        self.accounts.get_mut(user)?.rooms.get_mut(room)
+    }
+
+    /// Rooms of an account with the account's nick and joined sessions, sorted by room.
+    pub fn memberships_of(&self, user: &str) -> Vec<(String, String, Vec<String>)> {
+        let mut v: Vec<_> = self
+            .accounts
+            .get(user)
+            .map(|a| {
+                a.rooms
+                    .values()
+                    .map(|m| {
+                        let sessions = m
+                            .participants
+                            .iter()
+                            .filter(|p| p.joined)
+                            .map(|p| p.resource.clone())
+                            .collect();
+                        (m.room.clone(), m.nick.clone(), sessions)
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
+    }
+
+    pub fn stats(&self) -> Stats {
+        let mut s = Stats {
+            accounts: self.accounts.len(),
+            ..Stats::default()
+        };
+        for a in self.accounts.values() {
+            s.memberships += a.rooms.len();
+            s.pending_iqs += a.iqs.len();
+            for m in a.rooms.values() {
+                s.joined_sessions += m.participants.iter().filter(|p| p.joined).count();
+                s.cached_presences += m.occupants.len();
+                s.cached_messages += m.history.len();
+            }
+        }
+        s
+    }
+}
+
+fn drop_empty(accounts: &mut HashMap<String, Account>, user: &str) {
+    if accounts
+        .get(user)
+        .is_some_and(|a| a.rooms.is_empty() && a.iqs.is_empty())
+    {
+        accounts.remove(user);
+    }
+}
+
+/// Serve a join of another session locally, in the order XEP-0045 §7.2 gives: the other
+/// occupants, the session's own presence, the history it asked for, the subject.
+fn serve_join(
+    m: &Membership,
+    resource: &str,
+    request: &Element,
+    asked_nick: &str,
+    now: i64,
+    out: &mut Outcome,
+) {
+    for p in m.occupants.others(&m.nick) {
+        out.deliver(resource, Out::New(p.clone()));
+    }
+    if let Some(own) = &m.self_presence {
+        out.deliver(
+            resource,
+            Out::New(self_presence_for_join(own, asked_nick != m.nick)),
+        );
+    }
+    let history = request
+        .get_child("x", NS_MUC)
+        .and_then(|x| x.get_child("history", NS_MUC))
+        .and_then(|h| HistoryRequest::try_from(h.clone()).ok());
+    for message in m.history.select(history.as_ref(), &m.room, now) {
+        out.deliver(resource, Out::New(message));
+    }
+    let subject = m.subject.clone().unwrap_or_else(|| {
+        Element::builder("message", NS_CLIENT)
+            .attr(n("type"), "groupchat")
+            .attr(n("from"), m.room.as_str())
+            .append(Element::bare("subject", NS_CLIENT))
+            .build()
+    });
+    out.deliver(resource, Out::New(subject));
+}
+
+/// The account's self-presence as a later-joining session gets it: without "room created"
+/// (201), and with "nick assigned" (210) when the session asked for another nick.
+fn self_presence_for_join(own: &Element, nick_differs: bool) -> Element {
+    let mut p = own.clone();
+    if let Some(x) = p.get_child_mut("x", NS_MUC_USER) {
+        let kept: Vec<Element> = x
+            .children()
+            .filter(|c| !(c.is("status", NS_MUC_USER) && c.attr("code") == Some("201")))
+            .cloned()
+            .collect();
+        let mut fresh = Element::builder("x", NS_MUC_USER).build();
+        for c in kept {
+            fresh.append_child(c);
+        }
+        if nick_differs {
+            fresh.append_child(
+                Element::builder("status", NS_MUC_USER)
+                    .attr(n("code"), status::ASSIGNED_NICK.to_string())
+                    .build(),
+            );
+        }
+        *x = fresh;
+    }
+    p
+}
+
+/// The unavailable self-presence a session gets when it leaves while others stay.
+fn leave_presence(m: &Membership) -> Element {
+    let affiliation = m
+        .self_presence
+        .as_ref()
+        .and_then(stanza::muc_item)
+        .and_then(|i| i.attr("affiliation"))
+        .unwrap_or("none");
+    Element::builder("presence", NS_CLIENT)
+        .attr(n("type"), "unavailable")
+        .attr(n("from"), format!("{}/{}", m.room, m.nick))
+        .append(
+            Element::builder("x", NS_MUC_USER)
+                .append(
+                    Element::builder("item", NS_MUC_USER)
+                        .attr(n("affiliation"), affiliation)
+                        .attr(n("role"), "none")
+                        .build(),
+                )
+                .append(
+                    Element::builder("status", NS_MUC_USER)
+                        .attr(n("code"), status::SELF_PRESENCE.to_string())
+                        .build(),
+                )
+                .build(),
+        )
+        .build()
+}

@@ -1,0 +1,19 @@
+//! mod_minimix: group chats joined per account instead of per client.
+//!
+//! `host` is the I/O-free core (one `Host` per VirtualHost); `bridge` exposes it to the
+//! Lua shim `lua/mod_minimix.lua` through mlua.
+
+pub mod bridge;
+pub mod history;
+pub mod host;
+pub mod iq;
+pub mod membership;
+pub mod occupants;
+pub mod stanza;
+pub mod time;
+
+/// Entry point Lua's `package.loadlib` looks up: `luaopen_minimix`.
+#[mlua::lua_module(skip_memory_check)]
+fn minimix(lua: &mlua::Lua) -> mlua::Result<mlua::Table> {
+    bridge::exports(lua)
+}

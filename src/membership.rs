@@ -1,0 +1,126 @@
+//! One account's membership in one room: which of its sessions joined, where the join
+//! stands, and the room state kept to serve later joins.
+
+use minidom::Element;
+
+use crate::history::RoomHistory;
+use crate::occupants::OccupantCache;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// The account's join was sent; the room's self-presence (110) has not come yet.
+    Joining,
+    /// The account is an occupant.
+    Joined,
+    /// The last session left; the account's unavailable presence was sent.
+    Leaving,
+}
+
+#[derive(Debug)]
+pub struct Participant {
+    pub resource: String,
+    /// False while the session waits for the account's in-flight join.
+    pub joined: bool,
+}
+
+#[derive(Debug)]
+pub struct Membership {
+    pub room: String,
+    /// The account's nick in the room, as the room last confirmed it (or asked, while joining).
+    pub nick: String,
+    pub phase: Phase,
+    /// Sessions that joined or are joining, oldest first.
+    pub participants: Vec<Participant>,
+    /// Sessions that left as the last ones and wait for the room's unavailable self-presence.
+    pub leave_waiters: Vec<String>,
+    /// The session that asked for a nick change still unanswered, to route a conflict to.
+    pub nick_change_by: Option<String>,
+    pub occupants: OccupantCache,
+    pub self_presence: Option<Element>,
+    pub history: RoomHistory,
+    pub subject: Option<Element>,
+}
+
+impl Membership {
+    pub fn new(room: &str, nick: &str, first: &str) -> Membership {
+        Membership {
+            room: room.to_owned(),
+            nick: nick.to_owned(),
+            phase: Phase::Joining,
+            participants: vec![Participant {
+                resource: first.to_owned(),
+                joined: false,
+            }],
+            leave_waiters: Vec::new(),
+            nick_change_by: None,
+            occupants: OccupantCache::default(),
+            self_presence: None,
+            history: RoomHistory::default(),
+            subject: None,
+        }
+    }
+
+    /// Start afresh after a leave was sent: a new join of the account is in flight.
+    pub fn restart(&mut self, nick: &str, first: &str) {
+        let waiters = std::mem::take(&mut self.leave_waiters);
+        *self = Membership::new(&self.room, nick, first);
+        self.leave_waiters = waiters;
+    }
+
+    pub fn participant(&self, resource: &str) -> Option<&Participant> {
+        self.participants.iter().find(|p| p.resource == resource)
+    }
+
+    pub fn is_participant(&self, resource: &str) -> bool {
+        self.participant(resource).is_some()
+    }
+
+    pub fn is_joined_session(&self, resource: &str) -> bool {
+        self.participant(resource).is_some_and(|p| p.joined)
+    }
+
+    pub fn add(&mut self, resource: &str, joined: bool) {
+        match self
+            .participants
+            .iter_mut()
+            .find(|p| p.resource == resource)
+        {
+            Some(p) => p.joined = joined,
+            None => self.participants.push(Participant {
+                resource: resource.to_owned(),
+                joined,
+            }),
+        }
+    }
+
+    /// Forget a session; true if it was a participant.
+    pub fn remove(&mut self, resource: &str) -> bool {
+        let before = self.participants.len();
+        self.participants.retain(|p| p.resource != resource);
+        self.leave_waiters.retain(|r| r != resource);
+        if self.nick_change_by.as_deref() == Some(resource) {
+            self.nick_change_by = None;
+        }
+        before != self.participants.len()
+    }
+
+    /// Sessions that get what the room sends: joined ones and those waiting on the join.
+    pub fn recipients(&self) -> impl Iterator<Item = &str> {
+        self.participants.iter().map(|p| p.resource.as_str())
+    }
+
+    pub fn mark_all_joined(&mut self) {
+        for p in &mut self.participants {
+            p.joined = true;
+        }
+    }
+
+    /// The most recently joined session, to take IQs the room forwards to the account.
+    pub fn latest_joined(&self) -> Option<&str> {
+        self.participants
+            .iter()
+            .rev()
+            .find(|p| p.joined)
+            .map(|p| p.resource.as_str())
+    }
+}

@@ -1,0 +1,209 @@
+//! Small typed views over stanzas as `minidom::Element`s, shared by every concern.
+//!
+//! The bridge converts each Prosody stanza into one `Element` once; everything here reads
+//! that element without copying it.
+
+use minidom::Element;
+
+pub const NS_CLIENT: &str = "jabber:client";
+pub const NS_MUC: &str = "http://jabber.org/protocol/muc";
+pub const NS_MUC_USER: &str = "http://jabber.org/protocol/muc#user";
+pub const NS_PING: &str = "urn:xmpp:ping";
+pub const NS_DELAY: &str = "urn:xmpp:delay";
+pub const NS_STANZAS: &str = "urn:ietf:params:xml:ns:xmpp-stanzas";
+/// Children in this namespace trigger deliberate faults when `minimix_test_faults` is on.
+pub const NS_TEST_FAULT: &str = "urn:xmpp:minimix:test-fault";
+
+/// Status codes of XEP-0045 that the module acts on (named as in xmpp-parsers' `Status`).
+pub mod status {
+    pub const SELF_PRESENCE: u16 = 110;
+    pub const ROOM_HAS_BEEN_CREATED: u16 = 201;
+    pub const ASSIGNED_NICK: u16 = 210;
+    pub const BANNED: u16 = 301;
+    pub const NEW_NICK: u16 = 303;
+    pub const KICKED: u16 = 307;
+    pub const REMOVAL_FROM_ROOM: u16 = 321;
+    pub const CONFIG_MEMBERS_ONLY: u16 = 322;
+    pub const SERVICE_SHUTDOWN: u16 = 332;
+    pub const SERVICE_ERROR_KICK: u16 = 333;
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Message,
+    Presence,
+    Iq,
+}
+
+/// The top-level facts of a stanza that routing decisions need.
+#[derive(Clone, Copy, Debug)]
+pub struct Head<'a> {
+    pub kind: Kind,
+    pub from: Option<&'a str>,
+    pub to: Option<&'a str>,
+    pub type_: Option<&'a str>,
+    pub id: Option<&'a str>,
+}
+
+impl<'a> Head<'a> {
+    pub fn of(el: &'a Element) -> Option<Head<'a>> {
+        let kind = match el.name() {
+            "message" => Kind::Message,
+            "presence" => Kind::Presence,
+            "iq" => Kind::Iq,
+            _ => return None,
+        };
+        Some(Head {
+            kind,
+            from: el.attr("from"),
+            to: el.attr("to"),
+            type_: el.attr("type"),
+            id: el.attr("id"),
+        })
+    }
+
+    pub fn is_type(&self, t: &str) -> bool {
+        self.type_ == Some(t)
+    }
+}
+
+/// A JID split into its parts, borrowed from the attribute text. Prosody has already
+/// prepared (stringprep'd) every address that reaches a module, so splitting is enough.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Addr<'a> {
+    pub node: Option<&'a str>,
+    pub domain: &'a str,
+    pub resource: Option<&'a str>,
+}
+
+impl<'a> Addr<'a> {
+    pub fn parse(s: &'a str) -> Option<Addr<'a>> {
+        let (rest, resource) = match s.find('/') {
+            Some(i) => (&s[..i], Some(&s[i + 1..])),
+            None => (s, None),
+        };
+        let (node, domain) = match rest.find('@') {
+            Some(i) => (Some(&rest[..i]), &rest[i + 1..]),
+            None => (None, rest),
+        };
+        if domain.is_empty()
+            || node.is_some_and(str::is_empty)
+            || resource.is_some_and(str::is_empty)
+        {
+            return None;
+        }
+        Some(Addr {
+            node,
+            domain,
+            resource,
+        })
+    }
+
+    /// The bare part (`node@domain` or `domain`) as a slice of the original text.
+    pub fn bare_of(s: &'a str) -> &'a str {
+        match s.find('/') {
+            Some(i) => &s[..i],
+            None => s,
+        }
+    }
+}
+
+/// Status codes carried in a `<x xmlns='…muc#user'>` payload.
+pub fn status_codes(el: &Element) -> Vec<u16> {
+    match el.get_child("x", NS_MUC_USER) {
+        Some(x) => x
+            .children()
+            .filter(|c| c.is("status", NS_MUC_USER))
+            .filter_map(|c| c.attr("code").and_then(|v| v.parse().ok()))
+            .collect(),
+        None => Vec::new(),
+    }
+}
+
+/// The `<item/>` of a muc#user payload.
+pub fn muc_item(el: &Element) -> Option<&Element> {
+    el.get_child("x", NS_MUC_USER)?
+        .get_child("item", NS_MUC_USER)
+}
+
+/// The defined condition of a stanza error, e.g. `not-acceptable`.
+pub fn error_condition(el: &Element) -> Option<&str> {
+    let err = el.children().find(|c| c.name() == "error")?;
+    err.children()
+        .find(|c| c.ns() == NS_STANZAS && c.name() != "text")
+        .map(Element::name)
+}
+
+/// An error reply to `el` from `from`, in the shape RFC 6120 §8.3 gives (the `to` is set
+/// when it is delivered).
+pub fn error_reply(
+    el: &Element,
+    from: &str,
+    error_type: &str,
+    condition: &str,
+    text: &str,
+) -> Element {
+    let mut b = Element::builder(el.name(), NS_CLIENT)
+        .attr(n("type"), "error")
+        .attr(n("from"), from);
+    if let Some(id) = el.attr("id") {
+        b = b.attr(n("id"), id);
+    }
+    if el.name() == "presence" {
+        b = b.append(Element::bare("x", NS_MUC));
+    }
+    let mut error = Element::builder("error", NS_CLIENT)
+        .attr(n("type"), error_type)
+        .attr(n("by"), Addr::bare_of(from))
+        .append(Element::bare(condition, NS_STANZAS));
+    if !text.is_empty() {
+        error = error.append(Element::builder("text", NS_STANZAS).append(text).build());
+    }
+    b.append(error.build()).build()
+}
+
+/// An attribute name known at compile time to be a valid NCName.
+pub fn n(name: &'static str) -> minidom::rxml::NcName {
+    minidom::rxml::NcName::try_from(name).expect("static attribute names are valid")
+}
+
+/// Set (or replace) an unqualified attribute.
+pub fn set_attr(el: &mut Element, name: &'static str, value: &str) {
+    el.attrs_mut()
+        .insert(minidom::rxml::Namespace::NONE, n(name), value.to_owned());
+}
+
+/// Remove an unqualified attribute.
+pub fn remove_attr(el: &mut Element, name: &'static str) {
+    el.attrs_mut()
+        .remove(&minidom::rxml::Namespace::NONE, &n(name));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addr_parse_splits_and_rejects_empty_parts() {
+        let a = Addr::parse("room@conf.example/Nick/with/slash").unwrap();
+        assert_eq!(a.node, Some("room"));
+        assert_eq!(a.domain, "conf.example");
+        assert_eq!(a.resource, Some("Nick/with/slash"));
+        assert!(Addr::parse("room@conf/").is_none());
+        assert!(Addr::parse("@conf").is_none());
+        assert!(Addr::parse("").is_none());
+        assert_eq!(Addr::parse("conf").unwrap().node, None);
+    }
+
+    #[test]
+    fn status_codes_are_read_from_muc_user() {
+        let el: Element = "<presence xmlns='jabber:client'><x xmlns='http://jabber.org/protocol/muc#user'><item affiliation='none' role='participant'/><status code='110'/><status code='201'/></x></presence>".parse().unwrap();
+        assert_eq!(status_codes(&el), vec![110, 201]);
+    }
+
+    #[test]
+    fn error_condition_ignores_text() {
+        let el: Element = "<iq xmlns='jabber:client' type='error'><error type='cancel'><text xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'>x</text><not-acceptable xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></error></iq>".parse().unwrap();
+        assert_eq!(error_condition(&el), Some("not-acceptable"));
+    }
+}
