@@ -64,13 +64,19 @@ local function carry_out(user, actions, stanza)
 	end
 end
 
+-- The first line of an error: errors from the core carry a Lua stack trace that says
+-- nothing more to an admin than the first line does.
+local function first_line(err)
+	return (tostring(err):match("^[^\n]*"));
+end
+
 -- Runs one core call. Any failure is logged and the stanza goes on as if this module were
 -- not loaded: returning nil lets Prosody's own handlers take it.
 local function run(stanza, method, ...)
 	local ok, handled, user, actions, notes = pcall(method, core, ...);
 	if not ok then
 		module:log("error", "mod_minimix failed on %s, passing it on untouched: %s",
-			stanza and stanza:top_tag() or "an event", handled);
+			stanza and stanza:top_tag() or "an event", first_line(handled));
 		return nil;
 	end
 	if notes then
@@ -79,7 +85,8 @@ local function run(stanza, method, ...)
 	if user and actions and actions[1] then
 		local done, err = pcall(carry_out, user, actions, stanza);
 		if not done then
-			module:log("error", "mod_minimix failed while sending for %s: %s", stanza:top_tag(), err);
+			module:log("error", "mod_minimix failed while sending for %s: %s",
+				stanza and stanza:top_tag() or "an event", first_line(err));
 		end
 	end
 	if handled then return true; end
@@ -100,7 +107,7 @@ local function from_session(event)
 	if not stanza.attr.to then return; end
 	local ok, err = pcall(test_fault, stanza);
 	if not ok then
-		module:log("error", "mod_minimix failed on %s, passing it on untouched: %s", stanza:top_tag(), err);
+		module:log("error", "mod_minimix failed on %s, passing it on untouched: %s", stanza:top_tag(), first_line(err));
 		return;
 	end
 	return run(stanza, core.session_stanza, origin.username, origin.resource, stanza, os.time());
