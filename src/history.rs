@@ -62,7 +62,7 @@ impl RoomHistory {
         let mut picked: Vec<Element> = Vec::new();
         let mut chars: usize = 0;
         for entry in self.entries.iter().rev() {
-            if since.is_some_and(|s| entry.stamp <= s) || oldest.is_some_and(|o| entry.stamp < o) {
+            if since.is_some_and(|s| entry.stamp < s) || oldest.is_some_and(|o| entry.stamp < o) {
                 break;
             }
             if req
@@ -154,8 +154,8 @@ mod tests {
             bodies(&h.select(Some(&req("seconds='25'")), "r@c", 1105)),
             ["8", "9"]
         );
-        // since is exclusive: strictly after 1070.
-        let since = time::format_stamp(1070);
+        // since is inclusive, as in Prosody's MUC: stamped at or after 1080.
+        let since = time::format_stamp(1080);
         assert_eq!(
             bodies(&h.select(Some(&req(&format!("since='{since}'"))), "r@c", 2000)),
             ["8", "9"]
@@ -184,7 +184,7 @@ mod tests {
                 .count(),
             1
         );
-        let since = time::format_stamp(1_577_836_801);
+        let since = time::format_stamp(1_577_836_801); // one second after the stamp
         let el: Element =
             format!("<history xmlns='http://jabber.org/protocol/muc' since='{since}'/>")
                 .parse()

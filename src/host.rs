@@ -9,7 +9,8 @@ use xmpp_parsers::muc::muc::History as HistoryRequest;
 use crate::iq::{IqProxy, PendingIq};
 use crate::membership::{Membership, Phase};
 use crate::stanza::{
-    self, Addr, Head, Kind, NS_CLIENT, NS_MUC, NS_MUC_USER, NS_PING, NS_TEST_FAULT, n, status,
+    self, Addr, Head, Kind, NS_CLIENT, NS_DELAY, NS_MUC, NS_MUC_USER, NS_PING, NS_TEST_FAULT, n,
+    status,
 };
 
 /// Settings, read by the shim from `minimix_*` options.
@@ -232,12 +233,12 @@ impl Host {
     ) -> Outcome {
         let is_join = el.has_child("x", NS_MUC);
         let max_rooms = self.config.max_rooms;
-        let account = self.accounts.entry(user.to_owned()).or_default();
         let mut out = Outcome::handled(user);
-        let Some(m) = account.rooms.get_mut(room) else {
+        let Some(m) = self.membership_mut(user, room) else {
             // First join: the account joins. The membership is recorded before the join is
             // sent, because a MUC on this server answers while the join is being sent.
-            if account.rooms.len() >= max_rooms {
+            let joined_rooms = self.accounts.get(user).map_or(0, |a| a.rooms.len());
+            if joined_rooms >= max_rooms {
                 let text = format!("Too many rooms joined by this account (limit {max_rooms})");
                 let reply = stanza::error_reply(
                     el,
@@ -252,7 +253,9 @@ impl Host {
             if jid::FullJid::new(&format!("{room}/{nick}")).is_err() {
                 return Outcome::pass();
             }
-            account
+            self.accounts
+                .entry(user.to_owned())
+                .or_default()
                 .rooms
                 .insert(room.to_owned(), Membership::new(room, nick, resource));
             out.notes.push(format!(
@@ -413,7 +416,7 @@ impl Host {
         };
         let room = Addr::bare_of(from_text);
         match head.kind {
-            Kind::Iq => self.room_iq(user, &head, room, from_text),
+            Kind::Iq => self.room_iq(user, el, &head, room, from_text),
             Kind::Presence => self.room_presence(user, el, &head, room, from.resource),
             Kind::Message => self.room_message(user, el, &head, room, now),
         }
@@ -559,9 +562,15 @@ impl Host {
             if el.has_child("subject", NS_CLIENT) {
                 if !el.has_child("body", NS_CLIENT) {
                     m.subject = Some(el.clone());
+                    m.complete = true;
                 }
             } else if el.has_child("body", NS_CLIENT) {
                 m.history.push(el, now, history_length);
+                // Live traffic means the join answer is over, even from a room that sends
+                // no subject at all.
+                if !el.has_child("delay", NS_DELAY) {
+                    m.complete = true;
+                }
             }
         }
         for r in m.recipients() {
@@ -570,7 +579,14 @@ impl Host {
         out
     }
 
-    fn room_iq(&mut self, user: &str, head: &Head, room: &str, from: &str) -> Outcome {
+    fn room_iq(
+        &mut self,
+        user: &str,
+        el: &Element,
+        head: &Head,
+        room: &str,
+        from: &str,
+    ) -> Outcome {
         let Some(account) = self.accounts.get_mut(user) else {
             return Outcome::pass();
         };
@@ -580,7 +596,10 @@ impl Host {
                 let Some(pending) = head.id.and_then(|id| account.iqs.take(id, from)) else {
                     return Outcome::pass();
                 };
-                if pending.self_ping && head.is_type("error") {
+                if pending.self_ping
+                    && head.is_type("error")
+                    && !self_ping_error_means_joined(stanza::error_condition(el))
+                {
                     out.notes.push(format!(
                         "{user} is no longer in {room} (self-ping answered with an error)"
                     ));
@@ -594,6 +613,15 @@ impl Host {
                 let Some(m) = account.rooms.get(room) else {
                     return Outcome::pass();
                 };
+                // vCard and PubSub queries are addressed to the bare JID on purpose (the
+                // room does so): the user's server answers them, avatars included.
+                let ns = el.children().next().map(Element::ns);
+                if ns
+                    .as_deref()
+                    .is_some_and(|ns| ANSWERED_BY_SERVER.contains(&ns))
+                {
+                    return Outcome::pass();
+                }
                 // An IQ another occupant sent to the account's nick: one joined session
                 // answers, as the room does for occupants with several sessions.
                 match m.latest_joined() {
@@ -679,6 +707,28 @@ impl Host {
     }
 }
 
+/// Namespaces of IQs to an occupant that the room sends to the occupant's bare JID.
+const ANSWERED_BY_SERVER: [&str; 3] = [
+    "vcard-temp",
+    "http://jabber.org/protocol/pubsub",
+    "urn:ietf:params:xml:ns:vcard-4.0",
+];
+
+/// XEP-0410 §3.2: these errors to a self-ping mean the occupant is still joined (the room
+/// does not answer pings itself) or that nothing is known (the network failed). Any other
+/// error means the account is no longer in the room.
+fn self_ping_error_means_joined(condition: Option<&str>) -> bool {
+    matches!(
+        condition,
+        Some(
+            "service-unavailable"
+                | "feature-not-implemented"
+                | "remote-server-not-found"
+                | "remote-server-timeout"
+        )
+    )
+}
+
 fn drop_empty(accounts: &mut HashMap<String, Account>, user: &str) {
     if accounts
         .get(user)
@@ -713,6 +763,11 @@ fn serve_join(
         .and_then(|h| HistoryRequest::try_from(h.clone()).ok());
     for message in m.history.select(history.as_ref(), &m.room, now) {
         out.deliver(resource, Out::New(message));
+    }
+    if !m.complete {
+        // The room is still sending the account's join answer: the subject (and any
+        // history still to come) reaches this session through the fork, in order.
+        return;
     }
     let subject = m.subject.clone().unwrap_or_else(|| {
         Element::builder("message", NS_CLIENT)

@@ -29,6 +29,9 @@ pub struct Membership {
     /// The account's nick in the room, as the room last confirmed it (or asked, while joining).
     pub nick: String,
     pub phase: Phase,
+    /// The room's join answer is complete (its subject, which comes last, has arrived):
+    /// from then on later joins get a locally made subject.
+    pub complete: bool,
     /// Sessions that joined or are joining, oldest first.
     pub participants: Vec<Participant>,
     /// Sessions that left as the last ones and wait for the room's unavailable self-presence.
@@ -47,6 +50,7 @@ impl Membership {
             room: room.to_owned(),
             nick: nick.to_owned(),
             phase: Phase::Joining,
+            complete: false,
             participants: vec![Participant {
                 resource: first.to_owned(),
                 joined: false,
