@@ -197,6 +197,29 @@ function Client:collect(quiet)
 	return out
 end
 
+--- collect() for several clients at once: drain every inbox until none of `clients`
+--- receives anything for `quiet` (default 0.3) seconds. Returns one list per client.
+function Client.collect_all(clients, quiet)
+	while true do
+		local got = false
+		for _, c in ipairs(clients) do
+			if c:_pump(0) then got = true end
+		end
+		if not got then
+			local socks = {}
+			for _, c in ipairs(clients) do
+				if c.sock and not c.closed then socks[#socks + 1] = c.sock end
+			end
+			if #socks == 0 or not socket.select(socks, nil, quiet or 0.3)[1] then break end
+		end
+	end
+	local out = {}
+	for i, c in ipairs(clients) do
+		out[i], c.inbox = c.inbox, {}
+	end
+	return out
+end
+
 --- Send an iq (a util.stanza) with a fresh id and return the result/error reply.
 function Client:iq(stanza, timeout)
 	stanza.attr.id = new_id()
