@@ -42,17 +42,23 @@ local function read_config()
 end
 
 local config = read_config();
-local core = minimix.new(host, config, st.stanza_mt);
+-- `core` holds this host's state; `room_event` and `session_event` are its hot entry
+-- points (C functions over the same state).
+local core, room_event, session_event = minimix.new(host, config, st.stanza_mt);
 
 local function carry_out(user, actions, stanza)
 	local bare = user .. "@" .. host;
+	local last_resource, full, session;
 	for i = 1, #actions, 4 do
 		local op, resource, out, id = actions[i], actions[i + 1], actions[i + 2], actions[i + 3];
 		out = out or stanza;
 		if id then out.attr.id = id; end
 		if op == OP_DELIVER then
-			local full = bare .. "/" .. resource;
-			local session = full_sessions[full];
+			-- Consecutive actions mostly go to the same session (a join served locally).
+			if resource ~= last_resource then
+				last_resource, full = resource, bare .. "/" .. resource;
+				session = full_sessions[full];
+			end
 			if session then
 				out.attr.to = full;
 				session.send(out);
@@ -70,23 +76,38 @@ local function first_line(err)
 	return (tostring(err):match("^[^\n]*"));
 end
 
--- Runs one core call. Any failure is logged and the stanza goes on as if this module were
--- not loaded: returning nil lets Prosody's own handlers take it.
-local function run(stanza, method, ...)
-	local ok, handled, user, actions, notes = pcall(method, core, ...);
-	if not ok then
-		module:log("error", "mod_minimix failed on %s, passing it on untouched: %s",
-			stanza and stanza:top_tag() or "an event", first_line(handled));
+local function log_failure(stanza, err)
+	module:log("error", "mod_minimix failed on %s, passing it on untouched: %s",
+		stanza and stanza:top_tag() or "an event", first_line(err));
+end
+
+-- Carries out what the core decided. The core answers `handled, user, actions, notes`
+-- (or `handled, user, nil, notes, recipients` for a fork), nothing for a stanza it leaves
+-- alone, or `nil, message` when it failed. Any failure is
+-- logged and the stanza goes on as if this module were not loaded: returning nil lets
+-- Prosody's own handlers take it.
+local function finish(stanza, ok, handled, user, actions, notes, recipients)
+	if not ok or handled == nil then
+		if not ok or user then log_failure(stanza, not ok and handled or user); end
 		return nil;
 	end
 	if notes then
 		for _, note in ipairs(notes) do module:log("info", "%s", note); end
 	end
-	if user and actions and actions[1] then
+	if recipients then
+		-- A fork: the stanza that came in, to each of these sessions.
+		for i = 1, #recipients do
+			local full = recipients[i];
+			local session = full_sessions[full];
+			if session then
+				stanza.attr.to = full;
+				session.send(stanza);
+			end
+		end
+	elseif user and actions[1] then
 		local done, err = pcall(carry_out, user, actions, stanza);
 		if not done then
-			module:log("error", "mod_minimix failed while sending for %s: %s",
-				stanza and stanza:top_tag() or "an event", first_line(err));
+			module:log("error", "mod_minimix failed while sending for %s: %s", stanza:top_tag(), first_line(err));
 		end
 	end
 	if handled then return true; end
@@ -94,7 +115,7 @@ local function run(stanza, method, ...)
 end
 
 local function test_fault(stanza)
-	local fault = config.test_faults and stanza:get_child("fault", NS_TEST_FAULT);
+	local fault = stanza:get_child("fault", NS_TEST_FAULT);
 	if fault and fault.attr.kind == "lua-error" then
 		error("deliberate test fault");
 	end
@@ -105,17 +126,20 @@ local function from_session(event)
 	local origin, stanza = event.origin, event.stanza;
 	if origin.type ~= "c2s" or origin.host ~= host or not origin.resource then return; end
 	if not stanza.attr.to then return; end
-	local ok, err = pcall(test_fault, stanza);
-	if not ok then
-		module:log("error", "mod_minimix failed on %s, passing it on untouched: %s", stanza:top_tag(), first_line(err));
-		return;
+	if config.test_faults then
+		local ok, err = pcall(test_fault, stanza);
+		if not ok then
+			log_failure(stanza, err);
+			return;
+		end
 	end
-	return run(stanza, core.session_stanza, origin.username, origin.resource, stanza, os.time());
+	return finish(stanza, pcall(session_event, origin.username, origin.resource, stanza, os.time()));
 end
 
 -- A stanza for one of this host's accounts (the bare JID): what rooms send to the account.
 local function to_account(event)
-	return run(event.stanza, core.room_stanza, event.stanza, os.time());
+	local stanza = event.stanza;
+	return finish(stanza, pcall(room_event, stanza, os.time()));
 end
 
 -- Above mod_vcard_legacy (1, which adds the avatar hash to presence), below mod_blocklist
@@ -140,17 +164,22 @@ module:hook("iq/bare", to_account, PRIORITY_IN);
 module:hook("resource-unbind", function (event)
 	local session = event.session;
 	if session.host ~= host or not session.username or not session.resource then return; end
-	run(nil, core.session_ended, session.username, session.resource);
+	local ok, notes = pcall(core.session_ended, core, session.username, session.resource);
+	if not ok then
+		log_failure(nil, notes);
+	elseif notes then
+		for _, note in ipairs(notes) do module:log("info", "%s", note); end
+	end
 end);
 
 -- A reload keeps the core object and with it every membership: nothing goes to any room.
 function module.save()
-	return { core = core };
+	return { core = core, room_event = room_event, session_event = session_event };
 end
 
 function module.restore(saved)
-	if saved and saved.core then
-		core = saved.core;
+	if saved and saved.core and saved.room_event and saved.session_event then
+		core, room_event, session_event = saved.core, saved.room_event, saved.session_event;
 	end
 end
 

@@ -3,14 +3,15 @@
 
 use std::collections::HashMap;
 
+use std::rc::Rc;
+
 use minidom::Element;
-use xmpp_parsers::muc::muc::History as HistoryRequest;
 
 use crate::iq::{IqProxy, PendingIq};
 use crate::membership::{Membership, Phase};
 use crate::stanza::{
-    self, Addr, Head, Kind, NS_CLIENT, NS_DELAY, NS_MUC, NS_MUC_USER, NS_PING, NS_TEST_FAULT, n,
-    status,
+    self, Addr, Head, Kind, NS_CLIENT, NS_DELAY, NS_MUC, NS_MUC_USER, NS_PING, NS_TEST_FAULT,
+    Payload, n, status,
 };
 
 /// Settings, read by the shim from `minimix_*` options.
@@ -47,20 +48,65 @@ impl Default for Config {
     }
 }
 
-/// What to do with a stanza that is not the one that came in.
+/// A stanza for an action.
 #[derive(Debug)]
 pub enum Out {
     /// The stanza that came in, its `id` replaced when given.
-    Original {
-        id: Option<String>,
-    },
+    Original { id: Option<String> },
+    /// A stanza made by the core.
     New(Element),
+    /// A stanza the core kept (serialized), as it goes to a later-joining session.
+    Kept { xml: Rc<str>, edit: Edit },
+}
+
+/// How a kept stanza is changed for a later join.
+#[derive(Debug, Clone)]
+pub enum Edit {
+    None,
+    /// A history message without a delay of its own: add one from the room.
+    Delay {
+        room: String,
+        stamp: i64,
+    },
+    /// The account's self-presence: drop "room created" (201); add "nick assigned" (210)
+    /// when the session asked for another nick.
+    OwnPresence {
+        nick_differs: bool,
+    },
+}
+
+impl Out {
+    /// The element an `Out` that is not the original stands for.
+    pub fn to_element(&self) -> Option<Element> {
+        match self {
+            Out::Original { .. } => None,
+            Out::New(el) => Some(el.clone()),
+            Out::Kept { xml, edit } => {
+                let mut el = stanza::parse_kept(xml)?;
+                match edit {
+                    Edit::None => {}
+                    Edit::Delay { room, stamp } => {
+                        el.append_child(
+                            Element::builder("delay", NS_DELAY)
+                                .attr(n("from"), room.as_str())
+                                .attr(n("stamp"), crate::time::format_stamp(*stamp))
+                                .build(),
+                        );
+                    }
+                    Edit::OwnPresence { nick_differs } => {
+                        own_presence_for_join(&mut el, *nick_differs)
+                    }
+                }
+                Some(el)
+            }
+        }
+    }
 }
 
 #[derive(Debug)]
 pub enum Action {
     /// Give to one session of the account, `to` set to that session's full JID.
-    Deliver { resource: String, stanza: Out },
+    Deliver { resource: Rc<str>, stanza: Out },
     /// Send into the network from the account's bare JID.
     Send { stanza: Out },
 }
@@ -92,13 +138,24 @@ impl Outcome {
 
     fn deliver(&mut self, resource: &str, stanza: Out) {
         self.actions.push(Action::Deliver {
-            resource: resource.to_owned(),
+            resource: resource.into(),
             stanza,
         });
     }
 
     fn deliver_original(&mut self, resource: &str) {
         self.deliver(resource, Out::Original { id: None });
+    }
+
+    /// The stanza that came in, to every session of `m` that joined or is joining.
+    fn fork(&mut self, m: &Membership) {
+        self.actions.reserve(m.participants.len());
+        for p in &m.participants {
+            self.actions.push(Action::Deliver {
+                resource: p.resource.clone(),
+                stanza: Out::Original { id: None },
+            });
+        }
     }
 
     fn send_original(&mut self, id: Option<String>) {
@@ -123,6 +180,8 @@ pub struct Stats {
     pub cached_presences: usize,
     pub cached_messages: usize,
     pub pending_iqs: usize,
+    /// Bytes of kept stanza text (shared text counted once per membership).
+    pub kept_bytes: usize,
 }
 
 pub struct Host {
@@ -142,6 +201,10 @@ impl Host {
         }
     }
 
+    pub fn domain(&self) -> &str {
+        &self.domain
+    }
+
     pub fn config(&self) -> &Config {
         &self.config
     }
@@ -154,6 +217,7 @@ impl Host {
     // ---------------------------------------------------------------------------------
     // A session of this host sent a stanza (Prosody's pre-<kind>/full and /bare events).
 
+    /// A session sent `el` (convenience over [`Host::session_event`]).
     pub fn session_stanza(
         &mut self,
         user: &str,
@@ -161,9 +225,21 @@ impl Host {
         el: &Element,
         now: i64,
     ) -> Outcome {
-        let Some(head) = Head::of(el) else {
-            return Outcome::pass();
-        };
+        match Head::of(el) {
+            Some(head) => self.session_event(user, resource, &head, el, now),
+            None => Outcome::pass(),
+        }
+    }
+
+    pub fn session_event(
+        &mut self,
+        user: &str,
+        resource: &str,
+        head: &Head,
+        el: &dyn Payload,
+        now: i64,
+    ) -> Outcome {
+        let head = *head;
         let Some(to) = head.to.and_then(Addr::parse) else {
             return Outcome::pass();
         };
@@ -175,8 +251,7 @@ impl Host {
             return Outcome::pass();
         }
         if self.config.test_faults
-            && let Some(fault) = el.get_child("fault", NS_TEST_FAULT)
-            && fault.attr("kind") == Some("panic")
+            && el.child_attr("fault", NS_TEST_FAULT, "kind").as_deref() == Some("panic")
         {
             panic!("deliberate test fault");
         }
@@ -194,7 +269,7 @@ impl Host {
         &mut self,
         user: &str,
         resource: &str,
-        el: &Element,
+        el: &dyn Payload,
         head: &Head,
         room: &str,
         nick: Option<&str>,
@@ -205,7 +280,7 @@ impl Host {
             return Outcome::pass();
         };
         match head.type_ {
-            None => self.session_available(user, resource, el, room, nick, now),
+            None => self.session_available(user, resource, head, el, room, nick, now),
             Some("unavailable") => self.session_unavailable(user, resource, room),
             Some("error") => {
                 // An error presence from the account would make the room kick it.
@@ -222,11 +297,13 @@ impl Host {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn session_available(
         &mut self,
         user: &str,
         resource: &str,
-        el: &Element,
+        head: &Head,
+        el: &dyn Payload,
         room: &str,
         nick: &str,
         now: i64,
@@ -241,7 +318,7 @@ impl Host {
             if joined_rooms >= max_rooms {
                 let text = format!("Too many rooms joined by this account (limit {max_rooms})");
                 let reply = stanza::error_reply(
-                    el,
+                    head,
                     &format!("{room}/{nick}"),
                     "wait",
                     "resource-constraint",
@@ -287,7 +364,13 @@ impl Host {
                 // The account's join is in flight: replay what arrived, the rest follows.
                 m.add(resource, false);
                 for p in m.occupants.others(&m.nick) {
-                    out.deliver(resource, Out::New(p.clone()));
+                    out.deliver(
+                        resource,
+                        Out::Kept {
+                            xml: p.clone(),
+                            edit: Edit::None,
+                        },
+                    );
                 }
             }
         }
@@ -336,7 +419,7 @@ impl Host {
         &mut self,
         user: &str,
         resource: &str,
-        el: &Element,
+        el: &dyn Payload,
         head: &Head,
         room: &str,
         nick: Option<&str>,
@@ -349,14 +432,16 @@ impl Host {
         let Some(m) = account.rooms.get(room) else {
             return Outcome::pass();
         };
-        let is_ping = el.children().next().is_some_and(|c| c.is("ping", NS_PING));
+        let is_ping = el
+            .first_child()
+            .is_some_and(|(name, ns)| name == "ping" && ns == NS_PING);
         let self_ping = is_ping && nick == Some(m.nick.as_str());
         let mut out = Outcome::handled(user);
         if !m.is_participant(resource) {
             if self_ping && head.is_type("get") {
                 // XEP-0410: a session that has not joined is not an occupant.
                 let reply = stanza::error_reply(
-                    el,
+                    head,
                     head.to.unwrap_or_default(),
                     "cancel",
                     "not-acceptable",
@@ -395,10 +480,16 @@ impl Host {
     // ---------------------------------------------------------------------------------
     // Something arrived for an account of this host (presence/bare, message/bare, iq/bare).
 
+    /// The room sent `el` to an account (convenience over [`Host::room_event`]).
     pub fn room_stanza(&mut self, el: &Element, now: i64) -> Outcome {
-        let Some(head) = Head::of(el) else {
-            return Outcome::pass();
-        };
+        match Head::of(el) {
+            Some(head) => self.room_event(&head, el, now),
+            None => Outcome::pass(),
+        }
+    }
+
+    pub fn room_event(&mut self, head: &Head, el: &dyn Payload, now: i64) -> Outcome {
+        let head = *head;
         let Some(to) = head.to.and_then(Addr::parse) else {
             return Outcome::pass();
         };
@@ -425,7 +516,7 @@ impl Host {
     fn room_presence(
         &mut self,
         user: &str,
-        el: &Element,
+        el: &dyn Payload,
         head: &Head,
         room: &str,
         nick: Option<&str>,
@@ -441,12 +532,10 @@ impl Host {
         if head.is_type("error") {
             match m.phase {
                 Phase::Joining => {
-                    for r in m.recipients() {
-                        out.deliver_original(r);
-                    }
+                    out.fork(m);
                     out.notes.push(format!(
                         "{user} could not join {room}: {}",
-                        stanza::error_condition(el).unwrap_or("error")
+                        el.error_condition().as_deref().unwrap_or("error")
                     ));
                     account.rooms.remove(room);
                     drop_empty(&mut self.accounts, user);
@@ -461,34 +550,29 @@ impl Host {
                 Phase::Joined => match m.nick_change_by.take() {
                     Some(asker) => out.deliver_original(&asker),
                     None => {
-                        for r in m.recipients() {
-                            out.deliver_original(r);
-                        }
+                        out.fork(m);
                     }
                 },
             }
             return out;
         }
         let Some(nick) = nick else {
-            for r in m.recipients() {
-                out.deliver_original(r);
-            }
+            out.fork(m);
             return out;
         };
         let unavailable = head.is_type("unavailable");
-        let codes = stanza::status_codes(el);
+        let codes = el.status_codes();
         let is_self = codes.contains(&status::SELF_PRESENCE);
         let nick_changed = unavailable && codes.contains(&status::NEW_NICK);
         if !is_self {
             if nick_changed {
                 m.occupants.remove(nick);
             } else {
-                m.occupants.update(nick, el, !unavailable, max_occupants);
+                m.occupants
+                    .update(nick, !unavailable, max_occupants, || el.xml());
             }
             if m.phase != Phase::Leaving {
-                for r in m.recipients() {
-                    out.deliver_original(r);
-                }
+                out.fork(m);
             }
             return out;
         }
@@ -503,19 +587,16 @@ impl Host {
             m.mark_all_joined();
             m.nick = nick.to_owned();
             m.nick_change_by = None;
-            m.self_presence = Some(el.clone());
-            for r in m.recipients() {
-                out.deliver_original(r);
-            }
+            m.self_presence = Some(el.xml());
+            m.affiliation = el.item_attr("affiliation");
+            out.fork(m);
             return out;
         }
         if nick_changed {
-            if let Some(new_nick) = stanza::muc_item(el).and_then(|i| i.attr("nick")) {
-                m.nick = new_nick.to_owned();
+            if let Some(new_nick) = el.item_attr("nick") {
+                m.nick = new_nick;
             }
-            for r in m.recipients() {
-                out.deliver_original(r);
-            }
+            out.fork(m);
             return out;
         }
         if !m.leave_waiters.is_empty() {
@@ -532,9 +613,7 @@ impl Host {
         }
         // Removed by the room: kick, ban, affiliation change, members-only, shutdown,
         // error kick or destruction. Every session learns it; nobody rejoins on its own.
-        for r in m.recipients() {
-            out.deliver_original(r);
-        }
+        out.fork(m);
         out.notes
             .push(format!("{user} was removed from {room} (status {codes:?})"));
         account.rooms.remove(room);
@@ -545,7 +624,7 @@ impl Host {
     fn room_message(
         &mut self,
         user: &str,
-        el: &Element,
+        el: &dyn Payload,
         head: &Head,
         room: &str,
         now: i64,
@@ -561,28 +640,29 @@ impl Host {
         if head.is_type("groupchat") {
             if el.has_child("subject", NS_CLIENT) {
                 if !el.has_child("body", NS_CLIENT) {
-                    m.subject = Some(el.clone());
+                    m.subject = Some(el.xml());
                     m.complete = true;
                 }
             } else if el.has_child("body", NS_CLIENT) {
-                m.history.push(el, now, history_length);
+                let delay = el
+                    .child_attr("delay", NS_DELAY, "stamp")
+                    .and_then(|s| crate::time::parse_stamp(&s));
                 // Live traffic means the join answer is over, even from a room that sends
                 // no subject at all.
-                if !el.has_child("delay", NS_DELAY) {
+                if delay.is_none() {
                     m.complete = true;
                 }
+                m.history.push(el.xml(), delay, now, history_length);
             }
         }
-        for r in m.recipients() {
-            out.deliver_original(r);
-        }
+        out.fork(m);
         out
     }
 
     fn room_iq(
         &mut self,
         user: &str,
-        el: &Element,
+        el: &dyn Payload,
         head: &Head,
         room: &str,
         from: &str,
@@ -598,7 +678,7 @@ impl Host {
                 };
                 if pending.self_ping
                     && head.is_type("error")
-                    && !self_ping_error_means_joined(stanza::error_condition(el))
+                    && !self_ping_error_means_joined(el.error_condition().as_deref())
                 {
                     out.notes.push(format!(
                         "{user} is no longer in {room} (self-ping answered with an error)"
@@ -615,10 +695,9 @@ impl Host {
                 };
                 // vCard and PubSub queries are addressed to the bare JID on purpose (the
                 // room does so): the user's server answers them, avatars included.
-                let ns = el.children().next().map(Element::ns);
-                if ns
-                    .as_deref()
-                    .is_some_and(|ns| ANSWERED_BY_SERVER.contains(&ns))
+                if el
+                    .first_child()
+                    .is_some_and(|(_, ns)| ANSWERED_BY_SERVER.contains(&ns.as_str()))
                 {
                     return Outcome::pass();
                 }
@@ -678,7 +757,7 @@ impl Host {
                             .participants
                             .iter()
                             .filter(|p| p.joined)
-                            .map(|p| p.resource.clone())
+                            .map(|p| p.resource.to_string())
                             .collect();
                         (m.room.clone(), m.nick.clone(), sessions)
                     })
@@ -701,6 +780,10 @@ impl Host {
                 s.joined_sessions += m.participants.iter().filter(|p| p.joined).count();
                 s.cached_presences += m.occupants.len();
                 s.cached_messages += m.history.len();
+                s.kept_bytes += m.occupants.text_bytes()
+                    + m.history.text_bytes()
+                    + m.self_presence.as_ref().map_or(0, |p| p.len())
+                    + m.subject.as_ref().map_or(0, |p| p.len());
             }
         }
         s
@@ -743,46 +826,58 @@ fn drop_empty(accounts: &mut HashMap<String, Account>, user: &str) {
 fn serve_join(
     m: &Membership,
     resource: &str,
-    request: &Element,
+    request: &dyn Payload,
     asked_nick: &str,
     now: i64,
     out: &mut Outcome,
 ) {
+    let kept = |xml: &Rc<str>, edit: Edit| Out::Kept {
+        xml: xml.clone(),
+        edit,
+    };
     for p in m.occupants.others(&m.nick) {
-        out.deliver(resource, Out::New(p.clone()));
+        out.deliver(resource, kept(p, Edit::None));
     }
     if let Some(own) = &m.self_presence {
-        out.deliver(
-            resource,
-            Out::New(self_presence_for_join(own, asked_nick != m.nick)),
-        );
+        let edit = Edit::OwnPresence {
+            nick_differs: asked_nick != m.nick,
+        };
+        out.deliver(resource, kept(own, edit));
     }
-    let history = request
-        .get_child("x", NS_MUC)
-        .and_then(|x| x.get_child("history", NS_MUC))
-        .and_then(|h| HistoryRequest::try_from(h.clone()).ok());
-    for message in m.history.select(history.as_ref(), &m.room, now) {
-        out.deliver(resource, Out::New(message));
+    let request = request.history_request();
+    for picked in m.history.select(request.as_ref(), now) {
+        let edit = match picked.delay {
+            Some(stamp) => Edit::Delay {
+                room: m.room.clone(),
+                stamp,
+            },
+            None => Edit::None,
+        };
+        out.deliver(resource, kept(&picked.message, edit));
     }
     if !m.complete {
         // The room is still sending the account's join answer: the subject (and any
         // history still to come) reaches this session through the fork, in order.
         return;
     }
-    let subject = m.subject.clone().unwrap_or_else(|| {
-        Element::builder("message", NS_CLIENT)
-            .attr(n("type"), "groupchat")
-            .attr(n("from"), m.room.as_str())
-            .append(Element::bare("subject", NS_CLIENT))
-            .build()
-    });
-    out.deliver(resource, Out::New(subject));
+    match &m.subject {
+        Some(subject) => out.deliver(resource, kept(subject, Edit::None)),
+        None => out.deliver(
+            resource,
+            Out::New(
+                Element::builder("message", NS_CLIENT)
+                    .attr(n("type"), "groupchat")
+                    .attr(n("from"), m.room.as_str())
+                    .append(Element::bare("subject", NS_CLIENT))
+                    .build(),
+            ),
+        ),
+    }
 }
 
 /// The account's self-presence as a later-joining session gets it: without "room created"
 /// (201), and with "nick assigned" (210) when the session asked for another nick.
-fn self_presence_for_join(own: &Element, nick_differs: bool) -> Element {
-    let mut p = own.clone();
+fn own_presence_for_join(p: &mut Element, nick_differs: bool) {
     if let Some(x) = p.get_child_mut("x", NS_MUC_USER) {
         let kept: Vec<Element> = x
             .children()
@@ -802,17 +897,11 @@ fn self_presence_for_join(own: &Element, nick_differs: bool) -> Element {
         }
         *x = fresh;
     }
-    p
 }
 
 /// The unavailable self-presence a session gets when it leaves while others stay.
 fn leave_presence(m: &Membership) -> Element {
-    let affiliation = m
-        .self_presence
-        .as_ref()
-        .and_then(stanza::muc_item)
-        .and_then(|i| i.attr("affiliation"))
-        .unwrap_or("none");
+    let affiliation = m.affiliation.as_deref().unwrap_or("none");
     Element::builder("presence", NS_CLIENT)
         .attr(n("type"), "unavailable")
         .attr(n("from"), format!("{}/{}", m.room, m.nick))

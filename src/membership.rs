@@ -1,7 +1,7 @@
 //! One account's membership in one room: which of its sessions joined, where the join
 //! stands, and the room state kept to serve later joins.
 
-use minidom::Element;
+use std::rc::Rc;
 
 use crate::history::RoomHistory;
 use crate::occupants::OccupantCache;
@@ -18,7 +18,8 @@ pub enum Phase {
 
 #[derive(Debug)]
 pub struct Participant {
-    pub resource: String,
+    /// Shared with the actions that deliver to it, so a fork allocates nothing per session.
+    pub resource: Rc<str>,
     /// False while the session waits for the account's in-flight join.
     pub joined: bool,
 }
@@ -39,9 +40,11 @@ pub struct Membership {
     /// The session that asked for a nick change still unanswered, to route a conflict to.
     pub nick_change_by: Option<String>,
     pub occupants: OccupantCache,
-    pub self_presence: Option<Element>,
+    /// The account's self-presence as the room last sent it, and the affiliation in it.
+    pub self_presence: Option<Rc<str>>,
+    pub affiliation: Option<String>,
     pub history: RoomHistory,
-    pub subject: Option<Element>,
+    pub subject: Option<Rc<str>>,
 }
 
 impl Membership {
@@ -52,13 +55,14 @@ impl Membership {
             phase: Phase::Joining,
             complete: false,
             participants: vec![Participant {
-                resource: first.to_owned(),
+                resource: first.into(),
                 joined: false,
             }],
             leave_waiters: Vec::new(),
             nick_change_by: None,
             occupants: OccupantCache::default(),
             self_presence: None,
+            affiliation: None,
             history: RoomHistory::default(),
             subject: None,
         }
@@ -72,7 +76,7 @@ impl Membership {
     }
 
     pub fn participant(&self, resource: &str) -> Option<&Participant> {
-        self.participants.iter().find(|p| p.resource == resource)
+        self.participants.iter().find(|p| &*p.resource == resource)
     }
 
     pub fn is_participant(&self, resource: &str) -> bool {
@@ -87,11 +91,11 @@ impl Membership {
         match self
             .participants
             .iter_mut()
-            .find(|p| p.resource == resource)
+            .find(|p| &*p.resource == resource)
         {
             Some(p) => p.joined = joined,
             None => self.participants.push(Participant {
-                resource: resource.to_owned(),
+                resource: resource.into(),
                 joined,
             }),
         }
@@ -100,7 +104,7 @@ impl Membership {
     /// Forget a session; true if it was a participant.
     pub fn remove(&mut self, resource: &str) -> bool {
         let before = self.participants.len();
-        self.participants.retain(|p| p.resource != resource);
+        self.participants.retain(|p| &*p.resource != resource);
         self.leave_waiters.retain(|r| r != resource);
         if self.nick_change_by.as_deref() == Some(resource) {
             self.nick_change_by = None;
@@ -110,7 +114,7 @@ impl Membership {
 
     /// Sessions that get what the room sends: joined ones and those waiting on the join.
     pub fn recipients(&self) -> impl Iterator<Item = &str> {
-        self.participants.iter().map(|p| p.resource.as_str())
+        self.participants.iter().map(|p| &*p.resource)
     }
 
     pub fn mark_all_joined(&mut self) {
@@ -125,6 +129,6 @@ impl Membership {
             .iter()
             .rev()
             .find(|p| p.joined)
-            .map(|p| p.resource.as_str())
+            .map(|p| &*p.resource)
     }
 }

@@ -1,44 +1,33 @@
 //! The room's current occupants as last seen by the account, so that a later join of
-//! another session can be served locally.
+//! another session can be served locally. Presences are kept serialized: compact, and
+//! shared between every account the room sent the same presence to.
 
 use std::collections::BTreeMap;
-
-use minidom::Element;
+use std::rc::Rc;
 
 #[derive(Debug, Default)]
 pub struct OccupantCache {
     /// Nick → that occupant's latest available presence, as the room sent it.
-    by_nick: BTreeMap<String, Element>,
-}
-
-pub enum Update {
-    Stored,
-    Removed,
-    /// The cache is full and this is a new nick: it is forwarded but not kept.
-    Full,
+    by_nick: BTreeMap<String, Rc<str>>,
 }
 
 impl OccupantCache {
+    /// Record what the room said of `nick`. `presence` is asked for only when kept. A new
+    /// nick past `limit` is not kept (it is still forked).
     pub fn update(
         &mut self,
         nick: &str,
-        presence: &Element,
         available: bool,
         limit: usize,
-    ) -> Update {
+        presence: impl FnOnce() -> Rc<str>,
+    ) {
         if !available {
             self.by_nick.remove(nick);
-            return Update::Removed;
+        } else if let Some(slot) = self.by_nick.get_mut(nick) {
+            *slot = presence();
+        } else if self.by_nick.len() < limit {
+            self.by_nick.insert(nick.to_owned(), presence());
         }
-        if let Some(slot) = self.by_nick.get_mut(nick) {
-            slot.clone_from(presence);
-            return Update::Stored;
-        }
-        if self.by_nick.len() >= limit {
-            return Update::Full;
-        }
-        self.by_nick.insert(nick.to_owned(), presence.clone());
-        Update::Stored
     }
 
     pub fn remove(&mut self, nick: &str) {
@@ -46,7 +35,7 @@ impl OccupantCache {
     }
 
     /// Every occupant but `own_nick`, in a stable order.
-    pub fn others<'a>(&'a self, own_nick: &'a str) -> impl Iterator<Item = &'a Element> + 'a {
+    pub fn others<'a>(&'a self, own_nick: &'a str) -> impl Iterator<Item = &'a Rc<str>> + 'a {
         self.by_nick
             .iter()
             .filter(move |(nick, _)| nick.as_str() != own_nick)
@@ -59,5 +48,10 @@ impl OccupantCache {
 
     pub fn is_empty(&self) -> bool {
         self.by_nick.is_empty()
+    }
+
+    /// Bytes held by the kept presences (their text), for the memory figures.
+    pub fn text_bytes(&self) -> usize {
+        self.by_nick.iter().map(|(k, v)| k.len() + v.len()).sum()
     }
 }

@@ -3,7 +3,10 @@
 //! The bridge converts each Prosody stanza into one `Element` once; everything here reads
 //! that element without copying it.
 
+use std::rc::Rc;
+
 use minidom::Element;
+use xmpp_parsers::muc::muc::History as HistoryRequest;
 
 pub const NS_CLIENT: &str = "jabber:client";
 pub const NS_MUC: &str = "http://jabber.org/protocol/muc";
@@ -108,6 +111,74 @@ impl<'a> Addr<'a> {
     }
 }
 
+/// What the core reads of a stanza beyond its [`Head`]. Implemented for `minidom::Element`
+/// (unit tests, and anything built in Rust) and by the bridge directly over Prosody's Lua
+/// stanza tables, so that the hot paths never convert a whole stanza: only what a decision
+/// needs is read, and the serialized form is made only when the stanza is kept.
+pub trait Payload {
+    /// Whether a direct child `name` in namespace `ns` exists.
+    fn has_child(&self, name: &str, ns: &str) -> bool;
+    /// An attribute of the first direct child `name` in `ns`.
+    fn child_attr(&self, name: &str, ns: &str, attr: &str) -> Option<String>;
+    /// Name and namespace of the first child element (an IQ's payload).
+    fn first_child(&self) -> Option<(String, String)>;
+    /// Status codes of the muc#user payload.
+    fn status_codes(&self) -> Vec<u16>;
+    /// An attribute of the muc#user `<item/>`.
+    fn item_attr(&self, attr: &str) -> Option<String>;
+    /// The defined condition of the stanza's `<error/>`.
+    fn error_condition(&self) -> Option<String>;
+    /// The `<history/>` a MUC join asks for, when it asks.
+    fn history_request(&self) -> Option<HistoryRequest>;
+    /// The stanza serialized without its `to` (so one copy serves every account a room
+    /// sent it to), with `xmlns='jabber:client'` on the top element.
+    fn xml(&self) -> Rc<str>;
+}
+
+impl Payload for Element {
+    fn has_child(&self, name: &str, ns: &str) -> bool {
+        Element::has_child(self, name, ns)
+    }
+
+    fn child_attr(&self, name: &str, ns: &str, attr: &str) -> Option<String> {
+        self.get_child(name, ns)?.attr(attr).map(str::to_owned)
+    }
+
+    fn first_child(&self) -> Option<(String, String)> {
+        self.children()
+            .next()
+            .map(|c| (c.name().to_owned(), c.ns()))
+    }
+
+    fn status_codes(&self) -> Vec<u16> {
+        status_codes(self)
+    }
+
+    fn item_attr(&self, attr: &str) -> Option<String> {
+        muc_item(self)?.attr(attr).map(str::to_owned)
+    }
+
+    fn error_condition(&self) -> Option<String> {
+        error_condition(self).map(str::to_owned)
+    }
+
+    fn history_request(&self) -> Option<HistoryRequest> {
+        let h = self.get_child("x", NS_MUC)?.get_child("history", NS_MUC)?;
+        HistoryRequest::try_from(h.clone()).ok()
+    }
+
+    fn xml(&self) -> Rc<str> {
+        let mut copy = self.clone();
+        remove_attr(&mut copy, "to");
+        String::from(&copy).into()
+    }
+}
+
+/// Parse a serialized stanza kept by the core back into an element.
+pub fn parse_kept(xml: &str) -> Option<Element> {
+    xml.parse().ok()
+}
+
 /// Status codes carried in a `<x xmlns='…muc#user'>` payload.
 pub fn status_codes(el: &Element) -> Vec<u16> {
     match el.get_child("x", NS_MUC_USER) {
@@ -134,22 +205,27 @@ pub fn error_condition(el: &Element) -> Option<&str> {
         .map(Element::name)
 }
 
-/// An error reply to `el` from `from`, in the shape RFC 6120 §8.3 gives (the `to` is set
-/// when it is delivered).
+/// An error reply to the stanza `head` describes, from `from`, in the shape RFC 6120 §8.3
+/// gives (the `to` is set when it is delivered).
 pub fn error_reply(
-    el: &Element,
+    head: &Head,
     from: &str,
     error_type: &str,
     condition: &str,
     text: &str,
 ) -> Element {
-    let mut b = Element::builder(el.name(), NS_CLIENT)
+    let name = match head.kind {
+        Kind::Message => "message",
+        Kind::Presence => "presence",
+        Kind::Iq => "iq",
+    };
+    let mut b = Element::builder(name, NS_CLIENT)
         .attr(n("type"), "error")
         .attr(n("from"), from);
-    if let Some(id) = el.attr("id") {
+    if let Some(id) = head.id {
         b = b.attr(n("id"), id);
     }
-    if el.name() == "presence" {
+    if head.kind == Kind::Presence {
         b = b.append(Element::bare("x", NS_MUC));
     }
     let mut error = Element::builder("error", NS_CLIENT)

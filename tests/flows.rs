@@ -117,7 +117,7 @@ impl Seen {
         };
         for a in &o.actions {
             let (resource, out) = match a {
-                Action::Deliver { resource, stanza } => (Some(resource.clone()), stanza),
+                Action::Deliver { resource, stanza } => (Some(resource.to_string()), stanza),
                 Action::Send { stanza } => (None, stanza),
             };
             let mut e = match out {
@@ -128,7 +128,7 @@ impl Seen {
                     }
                     e
                 }
-                Out::New(e) => e.clone(),
+                made => made.to_element().expect("a kept stanza parses"),
             };
             match &resource {
                 Some(r) => {

@@ -1,0 +1,997 @@
+//! The hot entry points, written against Lua's C API.
+//!
+//! Every stanza a session sends and every stanza a room sends to an account crosses here,
+//! so this path reads Prosody's stanza tables in place on the Lua stack: the few
+//! attributes and children a decision needs, with no copy of the stanza, no Lua references
+//! kept, and the serialized form made only when the core keeps the stanza (and then once
+//! for every account the room sent the same table to). Results go back as plain values.
+//!
+//! Safety: every function here runs inside a Lua C function call on the stack it was
+//! given. Strings borrowed from stanza tables stay valid for the call, because the tables
+//! hold them and nothing here changes a stanza. All Rust work runs inside `catch_unwind`,
+//! and nothing here raises a Lua error, so no Rust frame is ever skipped by `longjmp`.
+
+use std::borrow::Cow;
+use std::cell::RefCell;
+use std::ffi::{CStr, c_int, c_void};
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::rc::Rc;
+
+use minidom::rxml::Namespace;
+use minidom::{Element, Node};
+use mlua::ffi::{self, lua_State};
+use xmpp_parsers::muc::muc::History as HistoryRequest;
+
+use crate::host::{Action, Edit, Host, Out, Outcome};
+use crate::stanza::{
+    Head, Kind, NS_CLIENT, NS_DELAY, NS_MUC, NS_MUC_USER, NS_STANZAS, Payload, n, status,
+};
+
+/// Stanzas nested deeper than this are not serialized (they pass on untouched).
+const MAX_DEPTH: usize = 64;
+
+const OP_DELIVER: i64 = 1;
+const OP_SEND: i64 = 2;
+
+/// The state of one VirtualHost, shared by the hot entry points and the admin methods.
+pub struct Shared {
+    pub host: RefCell<Host>,
+    /// Lua strings of the full JIDs forks go to, by participant: registry references
+    /// keyed by the address of the participant's resource (held here, so the address
+    /// stays unique). A participant the core no longer holds is swept out.
+    full_jids: RefCell<JidCache>,
+    /// The VirtualHost's name, for the full JIDs of forks.
+    domain: String,
+    /// Registry reference to Prosody's `util.stanza` metatable.
+    stanza_mt: c_int,
+    memo: RefCell<Option<Memo>>,
+}
+
+#[derive(Default)]
+struct JidCache {
+    refs: std::collections::HashMap<*const u8, (Rc<str>, c_int)>,
+    inserts: usize,
+}
+
+impl JidCache {
+    /// Push the full JID of `user`'s participant `resource`.
+    unsafe fn push(&mut self, l: *mut lua_State, domain: &str, user: &str, resource: &Rc<str>) {
+        unsafe {
+            let key = resource.as_ptr();
+            if let Some((_, r)) = self.refs.get(&key) {
+                ffi::lua_rawgeti(l, ffi::LUA_REGISTRYINDEX, *r as ffi::lua_Integer);
+                return;
+            }
+            self.inserts += 1;
+            if self.inserts.is_multiple_of(1024) {
+                self.sweep(l);
+            }
+            push_str(l, &format!("{user}@{domain}/{resource}"));
+            ffi::lua_pushvalue(l, -1);
+            let r = ffi::luaL_ref(l, ffi::LUA_REGISTRYINDEX);
+            self.refs.insert(key, (resource.clone(), r));
+        }
+    }
+
+    /// Forget participants only this cache still holds.
+    unsafe fn sweep(&mut self, l: *mut lua_State) {
+        unsafe {
+            self.refs.retain(|_, (rc, r)| {
+                let alive = Rc::strong_count(rc) > 1;
+                if !alive {
+                    ffi::luaL_unref(l, ffi::LUA_REGISTRYINDEX, *r);
+                }
+                alive
+            });
+        }
+    }
+}
+
+/// The last stanza table serialized and its text. A room sends the same table to every
+/// occupant in turn (changing only `to`), so one serialization serves every account on
+/// this host. The registry reference keeps the table alive: the same address is the same
+/// stanza.
+struct Memo {
+    table: *const c_void,
+    reference: c_int,
+    xml: Rc<str>,
+}
+
+/// # Safety
+/// `l` is a valid Lua state and `stanza_mt` is at stack index `mt_index`.
+unsafe fn new_shared(l: *mut lua_State, host: Host, mt_index: c_int) -> Rc<Shared> {
+    unsafe {
+        ffi::lua_pushvalue(l, mt_index);
+        let stanza_mt = ffi::luaL_ref(l, ffi::LUA_REGISTRYINDEX);
+        Rc::new(Shared {
+            domain: host.domain().to_owned(),
+            full_jids: RefCell::new(JidCache::default()),
+            host: RefCell::new(host),
+            stanza_mt,
+            memo: RefCell::new(None),
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Reading stanza tables in place.
+
+/// A string at `idx`, borrowed for as long as whatever holds it does.
+unsafe fn str_at<'a>(l: *mut lua_State, idx: c_int) -> Option<&'a str> {
+    unsafe {
+        if ffi::lua_type(l, idx) != ffi::LUA_TSTRING {
+            return None;
+        }
+        let mut len = 0usize;
+        let p = ffi::lua_tolstring(l, idx, &mut len);
+        std::str::from_utf8(std::slice::from_raw_parts(p.cast::<u8>(), len)).ok()
+    }
+}
+
+/// `t[key]` as a string, where `t` is the table at absolute index `t`.
+unsafe fn field_str<'a>(l: *mut lua_State, t: c_int, key: &CStr) -> Option<&'a str> {
+    unsafe {
+        ffi::lua_getfield(l, t, key.as_ptr());
+        let s = str_at(l, -1);
+        ffi::lua_pop(l, 1);
+        s
+    }
+}
+
+/// `t.attr[key]` as a string.
+unsafe fn attr_str<'a>(l: *mut lua_State, t: c_int, key: &CStr) -> Option<&'a str> {
+    unsafe {
+        if ffi::lua_getfield(l, t, c"attr".as_ptr()) != ffi::LUA_TTABLE {
+            ffi::lua_pop(l, 1);
+            return None;
+        }
+        let s = field_str(l, ffi::lua_gettop(l), key);
+        ffi::lua_pop(l, 1);
+        s
+    }
+}
+
+/// Call `f` with the absolute index of each child element of the table at `t`, until it
+/// returns `Some`.
+unsafe fn find_in_children<R>(
+    l: *mut lua_State,
+    t: c_int,
+    mut f: impl FnMut(c_int) -> Option<R>,
+) -> Option<R> {
+    unsafe {
+        if ffi::lua_getfield(l, t, c"tags".as_ptr()) != ffi::LUA_TTABLE {
+            ffi::lua_pop(l, 1);
+            return None;
+        }
+        let tags = ffi::lua_gettop(l);
+        let n = ffi::lua_rawlen(l, tags);
+        let mut found = None;
+        for i in 1..=n {
+            if ffi::lua_rawgeti(l, tags, i as ffi::lua_Integer) == ffi::LUA_TTABLE {
+                found = f(ffi::lua_gettop(l));
+            }
+            ffi::lua_pop(l, 1);
+            if found.is_some() {
+                break;
+            }
+        }
+        ffi::lua_pop(l, 1);
+        found
+    }
+}
+
+/// Whether the element table at `t` is `name` in `ns` (its own xmlns, or its parent's).
+unsafe fn is_element(l: *mut lua_State, t: c_int, name: &str, ns: &str, parent_ns: &str) -> bool {
+    unsafe {
+        field_str(l, t, c"name") == Some(name)
+            && attr_str(l, t, c"xmlns").unwrap_or(parent_ns) == ns
+    }
+}
+
+/// Run `f` with the index of the first child `name` in `ns` of the element at `t`.
+unsafe fn with_child<R>(
+    l: *mut lua_State,
+    t: c_int,
+    name: &str,
+    ns: &str,
+    parent_ns: &str,
+    f: impl FnOnce(c_int) -> Option<R>,
+) -> Option<R> {
+    unsafe {
+        let mut f = Some(f);
+        find_in_children(l, t, |c| {
+            if is_element(l, c, name, ns, parent_ns) {
+                f.take().and_then(|f| f(c))
+            } else {
+                None
+            }
+        })
+    }
+}
+
+struct RawStanza<'a> {
+    l: *mut lua_State,
+    idx: c_int,
+    memo: &'a RefCell<Option<Memo>>,
+}
+
+impl Payload for RawStanza<'_> {
+    fn has_child(&self, name: &str, ns: &str) -> bool {
+        unsafe { with_child(self.l, self.idx, name, ns, NS_CLIENT, |_| Some(())).is_some() }
+    }
+
+    fn child_attr(&self, name: &str, ns: &str, attr: &str) -> Option<String> {
+        let key = std::ffi::CString::new(attr).ok()?;
+        unsafe {
+            with_child(self.l, self.idx, name, ns, NS_CLIENT, |c| {
+                attr_str(self.l, c, &key).map(str::to_owned)
+            })
+        }
+    }
+
+    fn first_child(&self) -> Option<(String, String)> {
+        unsafe {
+            find_in_children(self.l, self.idx, |c| {
+                let name = field_str(self.l, c, c"name")?;
+                let ns = attr_str(self.l, c, c"xmlns").unwrap_or(NS_CLIENT);
+                Some((name.to_owned(), ns.to_owned()))
+            })
+        }
+    }
+
+    fn status_codes(&self) -> Vec<u16> {
+        let l = self.l;
+        let mut codes = Vec::new();
+        unsafe {
+            with_child(l, self.idx, "x", NS_MUC_USER, NS_CLIENT, |x| {
+                find_in_children::<()>(l, x, |c| {
+                    if is_element(l, c, "status", NS_MUC_USER, NS_MUC_USER)
+                        && let Some(code) = attr_str(l, c, c"code").and_then(|v| v.parse().ok())
+                    {
+                        codes.push(code);
+                    }
+                    None
+                })
+            });
+        }
+        codes
+    }
+
+    fn item_attr(&self, attr: &str) -> Option<String> {
+        let key = std::ffi::CString::new(attr).ok()?;
+        let l = self.l;
+        unsafe {
+            with_child(l, self.idx, "x", NS_MUC_USER, NS_CLIENT, |x| {
+                with_child(l, x, "item", NS_MUC_USER, NS_MUC_USER, |i| {
+                    attr_str(l, i, &key).map(str::to_owned)
+                })
+            })
+        }
+    }
+
+    fn error_condition(&self) -> Option<String> {
+        let l = self.l;
+        unsafe {
+            with_child(l, self.idx, "error", NS_CLIENT, NS_CLIENT, |e| {
+                find_in_children(l, e, |c| {
+                    let name = field_str(l, c, c"name")?;
+                    (attr_str(l, c, c"xmlns") == Some(NS_STANZAS) && name != "text")
+                        .then(|| name.to_owned())
+                })
+            })
+        }
+    }
+
+    fn history_request(&self) -> Option<HistoryRequest> {
+        let l = self.l;
+        unsafe {
+            with_child(l, self.idx, "x", NS_MUC, NS_CLIENT, |x| {
+                with_child(l, x, "history", NS_MUC, NS_MUC, |h| {
+                    let number = |key: &CStr| attr_str(l, h, key).and_then(|v| v.parse().ok());
+                    Some(HistoryRequest {
+                        maxchars: number(c"maxchars"),
+                        maxstanzas: number(c"maxstanzas"),
+                        seconds: number(c"seconds"),
+                        since: attr_str(l, h, c"since").and_then(|v| v.parse().ok()),
+                    })
+                })
+            })
+        }
+    }
+
+    fn xml(&self) -> Rc<str> {
+        let l = self.l;
+        let mut memo = self.memo.borrow_mut();
+        unsafe {
+            let table = ffi::lua_topointer(l, self.idx);
+            if let Some(m) = memo.as_ref()
+                && m.table == table
+            {
+                return m.xml.clone();
+            }
+            let mut out = String::with_capacity(256);
+            if write_xml(l, self.idx, NS_CLIENT, true, 0, &mut out).is_none() {
+                out.clear();
+            }
+            let xml: Rc<str> = out.into();
+            if let Some(old) = memo.take() {
+                ffi::luaL_unref(l, ffi::LUA_REGISTRYINDEX, old.reference);
+            }
+            ffi::lua_pushvalue(l, self.idx);
+            let reference = ffi::luaL_ref(l, ffi::LUA_REGISTRYINDEX);
+            *memo = Some(Memo {
+                table,
+                reference,
+                xml: xml.clone(),
+            });
+            xml
+        }
+    }
+}
+
+fn escape_into(out: &mut String, text: &str, attr: bool) {
+    let special = |b: u8| matches!(b, b'&' | b'<' | b'>') || (attr && matches!(b, b'\'' | b'"'));
+    let mut rest = text;
+    while let Some(i) = rest.bytes().position(special) {
+        out.push_str(&rest[..i]);
+        out.push_str(match rest.as_bytes()[i] {
+            b'&' => "&amp;",
+            b'<' => "&lt;",
+            b'>' => "&gt;",
+            b'\'' => "&apos;",
+            _ => "&quot;",
+        });
+        rest = &rest[i + 1..];
+    }
+    out.push_str(rest);
+}
+
+/// Serialize the stanza table at `t` as XML, leaving out the top element's `to`.
+unsafe fn write_xml(
+    l: *mut lua_State,
+    t: c_int,
+    parent_ns: &str,
+    top: bool,
+    depth: usize,
+    out: &mut String,
+) -> Option<()> {
+    unsafe {
+        if depth > MAX_DEPTH || ffi::lua_checkstack(l, 8) == 0 {
+            return None;
+        }
+        let name = field_str(l, t, c"name")?;
+        let own_ns = if top { None } else { attr_str(l, t, c"xmlns") };
+        let ns = own_ns.unwrap_or(parent_ns);
+        out.push('<');
+        out.push_str(name);
+        if top || ns != parent_ns {
+            out.push_str(" xmlns='");
+            escape_into(out, ns, true);
+            out.push('\'');
+        }
+        if ffi::lua_getfield(l, t, c"attr".as_ptr()) == ffi::LUA_TTABLE {
+            let attr = ffi::lua_gettop(l);
+            let mut prefixes = 0;
+            ffi::lua_pushnil(l);
+            while ffi::lua_next(l, attr) != 0 {
+                // Only string keys and values: lua_tolstring on a number key would confuse
+                // lua_next.
+                if let (Some(key), Some(value)) = (str_at(l, -2), str_at(l, -1))
+                    && key != "xmlns"
+                    && !(top && key == "to")
+                {
+                    out.push(' ');
+                    if let Some((ans, local)) = key.split_once('\u{1}') {
+                        prefixes += 1;
+                        out.push_str(&format!("xmlns:p{prefixes}='"));
+                        escape_into(out, ans, true);
+                        out.push_str(&format!("' p{prefixes}:{local}"));
+                    } else {
+                        out.push_str(key);
+                    }
+                    out.push_str("='");
+                    escape_into(out, value, true);
+                    out.push('\'');
+                }
+                ffi::lua_pop(l, 1);
+            }
+        }
+        ffi::lua_pop(l, 1);
+        let n = ffi::lua_rawlen(l, t);
+        if n == 0 {
+            out.push_str("/>");
+            return Some(());
+        }
+        out.push('>');
+        for i in 1..=n {
+            let kind = ffi::lua_rawgeti(l, t, i as ffi::lua_Integer);
+            let ok = match kind {
+                ffi::LUA_TSTRING => {
+                    if let Some(text) = str_at(l, -1) {
+                        escape_into(out, text, false);
+                    }
+                    Some(())
+                }
+                ffi::LUA_TTABLE => write_xml(l, ffi::lua_gettop(l), ns, false, depth + 1, out),
+                _ => Some(()),
+            };
+            ffi::lua_pop(l, 1);
+            ok?;
+        }
+        out.push_str("</");
+        out.push_str(name);
+        out.push('>');
+        Some(())
+    }
+}
+
+unsafe fn read_head<'a>(l: *mut lua_State, t: c_int) -> Option<Head<'a>> {
+    unsafe {
+        let kind = match field_str(l, t, c"name")? {
+            "message" => Kind::Message,
+            "presence" => Kind::Presence,
+            "iq" => Kind::Iq,
+            _ => return None,
+        };
+        if ffi::lua_getfield(l, t, c"attr".as_ptr()) != ffi::LUA_TTABLE {
+            ffi::lua_pop(l, 1);
+            return None;
+        }
+        let attr = ffi::lua_gettop(l);
+        let head = Head {
+            kind,
+            from: field_str(l, attr, c"from"),
+            to: field_str(l, attr, c"to"),
+            type_: field_str(l, attr, c"type"),
+            id: field_str(l, attr, c"id"),
+        };
+        ffi::lua_pop(l, 1);
+        Some(head)
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Writing results.
+
+unsafe fn push_str(l: *mut lua_State, s: &str) {
+    unsafe {
+        ffi::lua_pushlstring(l, s.as_ptr().cast(), s.len());
+    }
+}
+
+/// Push `el` as a Prosody stanza table with `util.stanza`'s metatable.
+unsafe fn push_element(l: *mut lua_State, el: &Element, parent_ns: &str, top: bool, mt: c_int) {
+    unsafe {
+        ffi::lua_checkstack(l, 8);
+        let nodes = el.nodes().count();
+        ffi::lua_createtable(l, nodes as c_int, 3);
+        let t = ffi::lua_gettop(l);
+        push_str(l, el.name());
+        ffi::lua_setfield(l, t, c"name".as_ptr());
+        ffi::lua_createtable(l, 0, 4);
+        let ns = el.ns();
+        if !top && ns != parent_ns {
+            push_str(l, &ns);
+            ffi::lua_setfield(l, -2, c"xmlns".as_ptr());
+        }
+        for ((ans, name), value) in el.attrs().iter() {
+            if *ans == Namespace::NONE {
+                push_str(l, name);
+            } else if *ans == Namespace::XML {
+                push_str(l, &format!("xml:{name}"));
+            } else {
+                push_str(l, &format!("{}\u{1}{name}", ans.as_str()));
+            }
+            push_str(l, value);
+            ffi::lua_rawset(l, -3);
+        }
+        ffi::lua_setfield(l, t, c"attr".as_ptr());
+        ffi::lua_createtable(l, el.children().count() as c_int, 0);
+        let tags = ffi::lua_gettop(l);
+        let (mut i, mut k) = (0, 0);
+        for node in el.nodes() {
+            i += 1;
+            match node {
+                Node::Element(child) => {
+                    k += 1;
+                    push_element(l, child, &ns, false, mt);
+                    ffi::lua_pushvalue(l, -1);
+                    ffi::lua_rawseti(l, tags, k);
+                    ffi::lua_rawseti(l, t, i);
+                }
+                Node::Text(text) => {
+                    push_str(l, text);
+                    ffi::lua_rawseti(l, t, i);
+                }
+            }
+        }
+        ffi::lua_setfield(l, t, c"tags".as_ptr());
+        ffi::lua_rawgeti(l, ffi::LUA_REGISTRYINDEX, mt as ffi::lua_Integer);
+        ffi::lua_setmetatable(l, t);
+    }
+}
+
+/// A reader of kept stanza text (made by `write_xml`, or by minidom in tests) that builds
+/// Prosody stanza tables directly, without an intermediate tree.
+struct KeptReader<'x> {
+    xml: &'x [u8],
+    pos: usize,
+    l: *mut lua_State,
+    mt: c_int,
+}
+
+/// What a parsed element tells its parent (for the edits of a later join).
+struct Parsed {
+    is_status_201: bool,
+}
+
+impl<'x> KeptReader<'x> {
+    fn peek(&self) -> Option<u8> {
+        self.xml.get(self.pos).copied()
+    }
+
+    fn skip_space(&mut self) {
+        while self.peek().is_some_and(|c| c.is_ascii_whitespace()) {
+            self.pos += 1;
+        }
+    }
+
+    fn name(&mut self) -> Option<&'x str> {
+        let start = self.pos;
+        while self
+            .peek()
+            .is_some_and(|c| !c.is_ascii_whitespace() && !matches!(c, b'=' | b'>' | b'/'))
+        {
+            self.pos += 1;
+        }
+        if self.pos == start {
+            return None;
+        }
+        std::str::from_utf8(&self.xml[start..self.pos]).ok()
+    }
+
+    /// Text up to `end` (exclusive), entities decoded.
+    fn text_until(&mut self, end: u8) -> Option<Cow<'x, str>> {
+        let start = self.pos;
+        let len = self.xml[start..].iter().position(|&c| c == end)?;
+        self.pos += len;
+        let raw = std::str::from_utf8(&self.xml[start..self.pos]).ok()?;
+        if !raw.contains('&') {
+            return Some(Cow::Borrowed(raw));
+        }
+        let mut out = String::with_capacity(raw.len());
+        let mut rest = raw;
+        while let Some(i) = rest.find('&') {
+            out.push_str(&rest[..i]);
+            let semi = rest[i..].find(';')? + i;
+            let entity = &rest[i + 1..semi];
+            match entity {
+                "amp" => out.push('&'),
+                "lt" => out.push('<'),
+                "gt" => out.push('>'),
+                "apos" => out.push('\''),
+                "quot" => out.push('"'),
+                _ => {
+                    let code = match entity.strip_prefix("#x").or(entity.strip_prefix("#X")) {
+                        Some(hex) => u32::from_str_radix(hex, 16).ok()?,
+                        None => entity.strip_prefix('#')?.parse().ok()?,
+                    };
+                    out.push(char::from_u32(code)?);
+                }
+            }
+            rest = &rest[semi + 1..];
+        }
+        out.push_str(rest);
+        Some(Cow::Owned(out))
+    }
+
+    /// Parse one element at `<` and leave its table on the stack. Children are built on
+    /// the stack first, so every table is made at its final size.
+    unsafe fn element(
+        &mut self,
+        parent_ns: &str,
+        depth: usize,
+        edit: Option<&Edit>,
+    ) -> Option<Parsed> {
+        unsafe {
+            let l = self.l;
+            if depth > MAX_DEPTH || ffi::lua_checkstack(l, 10) == 0 {
+                return None;
+            }
+            self.pos += 1; // '<'
+            let name = self.name()?;
+            let mut ns: Cow<'x, str> = Cow::Borrowed("");
+            let mut own_ns = false;
+            let mut prefixes: Vec<(&str, Cow<'x, str>)> = Vec::new();
+            let mut pending: Vec<(&str, Cow<'x, str>)> = Vec::new();
+            let mut code = None;
+            let closed = loop {
+                self.skip_space();
+                match self.peek()? {
+                    b'/' => {
+                        self.pos += 2; // "/>"
+                        break true;
+                    }
+                    b'>' => {
+                        self.pos += 1;
+                        break false;
+                    }
+                    _ => {}
+                }
+                let key = self.name()?;
+                self.skip_space();
+                self.pos += 1; // '='
+                self.skip_space();
+                let quote = self.peek()?;
+                self.pos += 1;
+                let value = self.text_until(quote)?;
+                self.pos += 1;
+                if key == "xmlns" {
+                    ns = value;
+                    own_ns = true;
+                } else if let Some(prefix) = key.strip_prefix("xmlns:") {
+                    prefixes.push((prefix, value));
+                } else {
+                    if key == "code" {
+                        code = Some(value.clone());
+                    }
+                    pending.push((key, value));
+                }
+            };
+            let ns: &str = if own_ns { &ns } else { parent_ns };
+            // The edits of a later join, on the self-presence's muc#user payload.
+            let in_own_x = matches!(edit, Some(Edit::OwnPresence { .. }))
+                && depth == 1
+                && name == "x"
+                && ns == NS_MUC_USER;
+            // Children, in order, on the stack above `base`.
+            let base = ffi::lua_gettop(l);
+            let mut is_tag: Vec<bool> = Vec::new();
+            if !closed {
+                loop {
+                    if self.peek()? == b'<' {
+                        if self.xml.get(self.pos + 1) == Some(&b'/') {
+                            while self.peek()? != b'>' {
+                                self.pos += 1;
+                            }
+                            self.pos += 1;
+                            break;
+                        }
+                        // Only the top element's direct children need to know the edit.
+                        let child_edit = if depth == 0 { edit } else { None };
+                        let parsed = self.element(ns, depth + 1, child_edit)?;
+                        if in_own_x && parsed.is_status_201 {
+                            ffi::lua_pop(l, 1);
+                            continue;
+                        }
+                        is_tag.push(true);
+                    } else {
+                        let text = self.text_until(b'<')?;
+                        if ffi::lua_checkstack(l, 4) == 0 {
+                            return None;
+                        }
+                        push_str(l, &text);
+                        is_tag.push(false);
+                    }
+                }
+            }
+            let added = match edit {
+                Some(Edit::Delay { room, stamp }) if depth == 0 => Some(
+                    Element::builder("delay", NS_DELAY)
+                        .attr(n("from"), room.as_str())
+                        .attr(n("stamp"), crate::time::format_stamp(*stamp))
+                        .build(),
+                ),
+                Some(Edit::OwnPresence { nick_differs: true }) if in_own_x => Some(
+                    Element::builder("status", NS_MUC_USER)
+                        .attr(n("code"), status::ASSIGNED_NICK.to_string())
+                        .build(),
+                ),
+                _ => None,
+            };
+            if let Some(el) = &added {
+                push_element(l, el, ns, false, self.mt);
+                is_tag.push(true);
+            }
+            let nodes = is_tag.len() as c_int;
+            let ntags = is_tag.iter().filter(|t| **t).count() as c_int;
+            ffi::lua_createtable(l, nodes, 3);
+            let t = ffi::lua_gettop(l);
+            ffi::lua_createtable(l, ntags, 0);
+            let tags = t + 1;
+            let mut k = 0;
+            for (i, tag) in is_tag.iter().enumerate() {
+                ffi::lua_pushvalue(l, base + 1 + i as c_int);
+                if *tag {
+                    k += 1;
+                    ffi::lua_pushvalue(l, -1);
+                    ffi::lua_rawseti(l, tags, k);
+                }
+                ffi::lua_rawseti(l, t, i as ffi::lua_Integer + 1);
+            }
+            ffi::lua_setfield(l, t, c"tags".as_ptr());
+            push_str(l, name);
+            ffi::lua_setfield(l, t, c"name".as_ptr());
+            let with_xmlns = depth > 0 && ns != parent_ns;
+            ffi::lua_createtable(l, 0, pending.len() as c_int + c_int::from(with_xmlns));
+            if with_xmlns {
+                push_str(l, ns);
+                ffi::lua_setfield(l, -2, c"xmlns".as_ptr());
+            }
+            for (key, value) in &pending {
+                match key.split_once(':') {
+                    Some((prefix, local)) if prefix != "xml" => {
+                        match prefixes.iter().find(|(p, _)| *p == prefix) {
+                            Some((_, uri)) => push_str(l, &format!("{uri}\u{1}{local}")),
+                            None => push_str(l, key),
+                        }
+                    }
+                    _ => push_str(l, key),
+                }
+                push_str(l, value);
+                ffi::lua_rawset(l, -3);
+            }
+            ffi::lua_setfield(l, t, c"attr".as_ptr());
+            ffi::lua_rawgeti(l, ffi::LUA_REGISTRYINDEX, self.mt as ffi::lua_Integer);
+            ffi::lua_setmetatable(l, t);
+            // Move the new table down over its children and drop them.
+            ffi::lua_rotate(l, base + 1, 1);
+            ffi::lua_settop(l, base + 1);
+            Some(Parsed {
+                is_status_201: name == "status"
+                    && ns == NS_MUC_USER
+                    && code.as_deref() == Some("201"),
+            })
+        }
+    }
+}
+
+/// Push a kept stanza as a stanza table, changed as `edit` says. On malformed text the
+/// stack is left as it was and `None` returned.
+unsafe fn push_kept(l: *mut lua_State, xml: &str, edit: &Edit, mt: c_int) -> Option<()> {
+    unsafe {
+        let top = ffi::lua_gettop(l);
+        let mut reader = KeptReader {
+            xml: xml.as_bytes(),
+            pos: 0,
+            l,
+            mt,
+        };
+        reader.skip_space();
+        let ok = reader.peek() == Some(b'<') && reader.element(NS_CLIENT, 0, Some(edit)).is_some();
+        if !ok {
+            ffi::lua_settop(l, top);
+            return None;
+        }
+        Some(())
+    }
+}
+
+/// Push `handled, user, actions, notes[, recipients]` (nothing at all for a plain pass).
+/// `actions` is a flat list of quadruples `op, resource|false, stanza|false, id|false`:
+/// `stanza` false means the stanza that came in, `id` false means keep its id. A plain fork
+/// comes as `recipients` instead, the full JIDs to give the stanza that came in to.
+unsafe fn push_outcome(l: *mut lua_State, shared: &Shared, out: Outcome) -> Result<c_int, String> {
+    unsafe {
+        if !out.handled && out.notes.is_empty() {
+            return Ok(0);
+        }
+        ffi::lua_checkstack(l, 8);
+        let first = ffi::lua_gettop(l) + 1;
+        ffi::lua_pushboolean(l, c_int::from(out.handled));
+        match &out.user {
+            Some(u) => push_str(l, u),
+            None => ffi::lua_pushnil(l),
+        }
+        // The common case, a fork: the stanza that came in, to these sessions. Their full
+        // JIDs go back as one list, so the shim's loop is as short as it can be.
+        let is_fork = |a: &Action| {
+            matches!(
+                a,
+                Action::Deliver {
+                    stanza: Out::Original { id: None },
+                    ..
+                }
+            )
+        };
+        if let Some(user) = &out.user
+            && !out.actions.is_empty()
+            && out.actions.iter().all(is_fork)
+        {
+            ffi::lua_pushnil(l);
+            push_notes(l, &out.notes);
+            ffi::lua_createtable(l, out.actions.len() as c_int, 0);
+            let mut cache = shared.full_jids.borrow_mut();
+            for (k, action) in out.actions.iter().enumerate() {
+                if let Action::Deliver { resource, .. } = action {
+                    cache.push(l, &shared.domain, user, resource);
+                    ffi::lua_rawseti(l, -2, k as ffi::lua_Integer + 1);
+                }
+            }
+            return Ok(5);
+        }
+        ffi::lua_createtable(l, (out.actions.len() * 4) as c_int, 0);
+        let actions = ffi::lua_gettop(l);
+        let mut i: ffi::lua_Integer = 0;
+        let mut next = || {
+            i += 1;
+            i
+        };
+        for action in &out.actions {
+            let (op, resource, stanza) = match action {
+                Action::Deliver { resource, stanza } => (OP_DELIVER, Some(resource), stanza),
+                Action::Send { stanza } => (OP_SEND, None, stanza),
+            };
+            ffi::lua_pushinteger(l, op);
+            ffi::lua_rawseti(l, actions, next());
+            match resource {
+                Some(r) => push_str(l, r),
+                None => ffi::lua_pushboolean(l, 0),
+            }
+            ffi::lua_rawseti(l, actions, next());
+            match stanza {
+                Out::Original { .. } => ffi::lua_pushboolean(l, 0),
+                Out::New(el) => push_element(l, el, NS_CLIENT, true, shared.stanza_mt),
+                Out::Kept { xml, edit } => {
+                    if push_kept(l, xml, edit, shared.stanza_mt).is_none() {
+                        ffi::lua_settop(l, first - 1);
+                        return Err("a kept stanza no longer parses".to_owned());
+                    }
+                }
+            }
+            ffi::lua_rawseti(l, actions, next());
+            match stanza {
+                Out::Original { id: Some(id) } => push_str(l, id),
+                _ => ffi::lua_pushboolean(l, 0),
+            }
+            ffi::lua_rawseti(l, actions, next());
+        }
+        push_notes(l, &out.notes);
+        Ok(4)
+    }
+}
+
+unsafe fn push_notes(l: *mut lua_State, notes: &[String]) {
+    unsafe {
+        if notes.is_empty() {
+            ffi::lua_pushnil(l);
+        } else {
+            ffi::lua_createtable(l, notes.len() as c_int, 0);
+            for (k, note) in notes.iter().enumerate() {
+                push_str(l, note);
+                ffi::lua_rawseti(l, -2, k as ffi::lua_Integer + 1);
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The entry points.
+
+unsafe fn shared_of<'a>(l: *mut lua_State) -> &'a Shared {
+    unsafe {
+        let boxed = ffi::lua_touserdata(l, ffi::lua_upvalueindex(1)).cast::<*const Shared>();
+        &**boxed
+    }
+}
+
+fn panic_text(panic: Box<dyn std::any::Any + Send>) -> String {
+    let msg = panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".to_owned());
+    format!("mod_minimix core panicked: {msg}")
+}
+
+/// Runs one event; on failure pushes `nil, message` for the shim to log.
+unsafe fn run_event(
+    l: *mut lua_State,
+    stanza: c_int,
+    f: impl FnOnce(&mut Host, &Head, &RawStanza) -> Outcome,
+) -> c_int {
+    unsafe {
+        let shared = shared_of(l);
+        let result = catch_unwind(AssertUnwindSafe(|| -> Result<c_int, String> {
+            if ffi::lua_type(l, stanza) != ffi::LUA_TTABLE {
+                return Ok(0);
+            }
+            let Some(head) = read_head(l, stanza) else {
+                return Ok(0);
+            };
+            let payload = RawStanza {
+                l,
+                idx: stanza,
+                memo: &shared.memo,
+            };
+            let out = {
+                let mut host = shared
+                    .host
+                    .try_borrow_mut()
+                    .map_err(|_| "mod_minimix core re-entered".to_owned())?;
+                f(&mut host, &head, &payload)
+            };
+            push_outcome(l, shared, out)
+        }));
+        let message = match result {
+            Ok(Ok(n)) => return n,
+            Ok(Err(message)) => message,
+            Err(panic) => panic_text(panic),
+        };
+        ffi::lua_pushnil(l);
+        push_str(l, &message);
+        2
+    }
+}
+
+/// `room_event(stanza, now)`: something arrived for an account's bare JID.
+unsafe extern "C-unwind" fn room_event(l: *mut lua_State) -> c_int {
+    unsafe {
+        let now = ffi::lua_tointegerx(l, 2, std::ptr::null_mut());
+        run_event(l, 1, |host, head, payload| {
+            host.room_event(head, payload, now)
+        })
+    }
+}
+
+/// `session_event(user, resource, stanza, now)`: a session of this host sent a stanza.
+unsafe extern "C-unwind" fn session_event(l: *mut lua_State) -> c_int {
+    unsafe {
+        let (Some(user), Some(resource)) = (str_at(l, 1), str_at(l, 2)) else {
+            return 0;
+        };
+        let now = ffi::lua_tointegerx(l, 4, std::ptr::null_mut());
+        run_event(l, 3, |host, head, payload| {
+            host.session_event(user, resource, head, payload, now)
+        })
+    }
+}
+
+unsafe extern "C-unwind" fn gc_shared(l: *mut lua_State) -> c_int {
+    unsafe {
+        let boxed = ffi::lua_touserdata(l, 1).cast::<*const Shared>();
+        if !boxed.is_null() && !(*boxed).is_null() {
+            let shared = Rc::from_raw(*boxed);
+            *boxed = std::ptr::null();
+            if Rc::strong_count(&shared) == 1 {
+                ffi::luaL_unref(l, ffi::LUA_REGISTRYINDEX, shared.stanza_mt);
+                for (_, (_, r)) in shared.full_jids.borrow_mut().refs.drain() {
+                    ffi::luaL_unref(l, ffi::LUA_REGISTRYINDEX, r);
+                }
+                if let Some(m) = shared.memo.borrow_mut().take() {
+                    ffi::luaL_unref(l, ffi::LUA_REGISTRYINDEX, m.reference);
+                }
+            }
+        }
+        0
+    }
+}
+
+/// Push a C closure over `shared`.
+unsafe fn push_closure(l: *mut lua_State, shared: &Rc<Shared>, f: ffi::lua_CFunction) {
+    unsafe {
+        let boxed = ffi::lua_newuserdatauv(l, std::mem::size_of::<*const Shared>(), 0)
+            .cast::<*const Shared>();
+        *boxed = Rc::into_raw(shared.clone());
+        if ffi::luaL_newmetatable(l, c"minimix.shared".as_ptr()) != 0 {
+            ffi::lua_pushcfunction(l, gc_shared);
+            ffi::lua_setfield(l, -2, c"__gc".as_ptr());
+        }
+        ffi::lua_setmetatable(l, -2);
+        ffi::lua_pushcclosure(l, f, 1);
+    }
+}
+
+/// Make the shared state for a host and push its two hot entry points,
+/// `room_event` and `session_event`. `stanza_mt` is at stack index `mt_index`.
+///
+/// # Safety
+/// `l` is a valid Lua state with room for three more values.
+pub unsafe fn open(l: *mut lua_State, host: Host, mt_index: c_int) -> Rc<Shared> {
+    unsafe {
+        let shared = new_shared(l, host, mt_index);
+        push_closure(l, &shared, room_event);
+        push_closure(l, &shared, session_event);
+        shared
+    }
+}
