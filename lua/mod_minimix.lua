@@ -5,6 +5,10 @@
 -- core returns. All membership state lives in the core, one object per VirtualHost.
 
 local st = require "prosody.util.stanza";
+local jid_bare = require "prosody.util.jid".bare;
+local jid_node = require "prosody.util.jid".node;
+local time_now = require "prosody.util.time".now;
+local modulemanager = require "prosody.core.modulemanager";
 
 if module:get_host_type() ~= "local" then
 	module:log("error", "mod_minimix belongs under a VirtualHost, not on %s", module.host);
@@ -12,7 +16,10 @@ if module:get_host_type() ~= "local" then
 end
 
 local NS_TEST_FAULT = "urn:xmpp:minimix:test-fault";
+local NS_STANZA_ID = "urn:xmpp:sid:0";
+local NS_BOOKMARKS = "urn:xmpp:bookmarks:1";
 local OP_DELIVER, OP_SEND = 1, 2;
+local FLAG_PERSIST, FLAG_ARCHIVE = 1, 2;
 
 local host = module.host;
 local full_sessions = prosody.full_sessions;
@@ -28,13 +35,23 @@ end
 
 local minimix = load_core();
 
+-- A setting read with its bounds; a bad value is logged and the default used instead.
+local function integer_setting(name, default, min)
+	local ok, value = pcall(module.get_option_integer, module, name, default, min);
+	if not ok then
+		module:log("error", "Ignoring %s: %s; using %d", name, tostring(value):match("^[^\n]*"), default);
+		return default;
+	end
+	return value;
+end
+
 local function read_config()
 	return {
-		history_length = module:get_option_integer("minimix_history_length", 20, 0);
-		max_rooms = module:get_option_integer("minimix_max_rooms", 100, 1);
-		max_occupants = module:get_option_integer("minimix_max_occupants", 1000, 1);
-		max_pending_iqs = module:get_option_integer("minimix_max_pending_iqs", 256, 1);
-		iq_timeout = module:get_option_integer("minimix_iq_timeout", 120, 1);
+		history_length = integer_setting("minimix_history_length", 20, 0);
+		max_rooms = integer_setting("minimix_max_rooms", 100, 1);
+		max_occupants = integer_setting("minimix_max_occupants", 1000, 1);
+		max_pending_iqs = integer_setting("minimix_max_pending_iqs", 256, 1);
+		iq_timeout = integer_setting("minimix_iq_timeout", 120, 1);
 		excluded_hosts = module:get_option_array("minimix_excluded_hosts", {});
 		excluded_rooms = module:get_option_array("minimix_excluded_rooms", {});
 		test_faults = module:get_option_boolean("minimix_test_faults", false);
@@ -42,9 +59,69 @@ local function read_config()
 end
 
 local config = read_config();
--- `core` holds this host's state; `room_event` and `session_event` are its hot entry
--- points (C functions over the same state).
-local core, room_event, session_event = minimix.new(host, config, st.stanza_mt);
+-- nil: archive when mod_mam is loaded on this host.
+local archive_setting = module:get_option_boolean("minimix_archive", nil);
+local bookmarks_setting = module:get_option_boolean("minimix_bookmarks", true);
+
+-- `core` holds this host's state and its admin methods; `room_event`, `session_event`
+-- and `control` are its entry points (C functions over the same state).
+local core, room_event, session_event, control = minimix.new(host, config, st.stanza_mt);
+
+-- Memberships survive restarts: per account, { [room] = { nick = …, password = … } }.
+local store = module:open_store("minimix");
+
+local function persist(user)
+	local ok, rows = pcall(core.persisted, core, user);
+	if not ok then
+		module:log("error", "Could not list the memberships of %s: %s", user, rows);
+		return;
+	end
+	local data;
+	for _, row in ipairs(rows) do
+		data = data or {};
+		data[row.room] = { nick = row.nick, password = row.password };
+	end
+	local saved, err = store:set(user, data);
+	if not saved then
+		module:log("error", "Could not store the memberships of %s: %s", user, err);
+	end
+end
+
+-- The account's own MAM archive, when archiving is on.
+local archive_store;
+local function archive()
+	if archive_setting == false then return nil; end
+	if archive_setting == nil and not modulemanager.is_loaded(host, "mam") then return nil; end
+	if not archive_store then
+		archive_store = module:open_store(module:get_option_string("archive_store", "archive"), "archive");
+	end
+	return archive_store;
+end
+
+-- Store a live groupchat message once in the account's archive. The room hands the same
+-- stanza to every occupant, so it is not changed: the copy that is forked carries the
+-- archive's stanza-id (and never one a room made up in the account's name).
+local function archived_copy(user, stanza)
+	local store_to = archive();
+	if not store_to then return stanza; end
+	local bare = user .. "@" .. host;
+	local copy = st.clone(stanza);
+	copy:maptags(function (tag)
+		if tag.name == "stanza-id" and tag.attr.xmlns == NS_STANZA_ID and tag.attr.by == bare then
+			return nil;
+		end
+		return tag;
+	end);
+	copy.attr.to = bare;
+	local id, err = store_to:append(user, nil, copy, time_now(), jid_bare(stanza.attr.from));
+	if not id then
+		module:log("error", "Could not archive a message from %s for %s: %s", stanza.attr.from, user, err);
+		return copy;
+	end
+	copy = st.clone(copy);
+	copy:tag("stanza-id", { xmlns = NS_STANZA_ID, by = bare, id = id }):up();
+	return copy;
+end
 
 local function carry_out(user, actions, stanza)
 	local bare = user .. "@" .. host;
@@ -81,18 +158,31 @@ local function log_failure(stanza, err)
 		stanza and stanza:top_tag() or "an event", first_line(err));
 end
 
--- Carries out what the core decided. The core answers `handled, user, actions, notes`
--- (or `handled, user, nil, notes, recipients` for a fork), nothing for a stanza it leaves
--- alone, or `nil, message` when it failed. Any failure is
+local function log_notes(notes)
+	for _, note in ipairs(notes) do module:log("info", "%s", note); end
+end
+
+-- Carries out what the core decided. The core answers
+-- `handled, user, actions, notes, recipients, flags`, nothing for a stanza it leaves
+-- alone, or `nil, message` when it failed (see src/raw.rs, push_outcome). Any failure is
 -- logged and the stanza goes on as if this module were not loaded: returning nil lets
 -- Prosody's own handlers take it.
-local function finish(stanza, ok, handled, user, actions, notes, recipients)
+local function finish(stanza, ok, handled, user, actions, notes, recipients, flags)
 	if not ok or handled == nil then
 		if not ok or user then log_failure(stanza, not ok and handled or user); end
 		return nil;
 	end
-	if notes then
-		for _, note in ipairs(notes) do module:log("info", "%s", note); end
+	if notes then log_notes(notes); end
+	if flags ~= 0 then
+		if flags & FLAG_PERSIST ~= 0 then persist(user); end
+		if flags & FLAG_ARCHIVE ~= 0 then
+			local done, copy = pcall(archived_copy, user, stanza);
+			if done then
+				stanza = copy;
+			else
+				module:log("error", "mod_minimix failed to archive %s: %s", stanza:top_tag(), first_line(copy));
+			end
+		end
 	end
 	if recipients then
 		-- A fork: the stanza that came in, to each of these sessions.
@@ -104,10 +194,11 @@ local function finish(stanza, ok, handled, user, actions, notes, recipients)
 				session.send(stanza);
 			end
 		end
-	elseif user and actions[1] then
+	elseif actions[1] then
 		local done, err = pcall(carry_out, user, actions, stanza);
 		if not done then
-			module:log("error", "mod_minimix failed while sending for %s: %s", stanza:top_tag(), first_line(err));
+			module:log("error", "mod_minimix failed while sending for %s: %s",
+				stanza and stanza:top_tag() or "an event", first_line(err));
 		end
 	end
 	if handled then return true; end
@@ -121,11 +212,12 @@ local function test_fault(stanza)
 	end
 end
 
--- A stanza one of this host's client sessions sends.
+-- A stanza one of this host's client sessions sends (a presence without `to` is the
+-- session's broadcast presence, which the room sees through the account).
 local function from_session(event)
 	local origin, stanza = event.origin, event.stanza;
 	if origin.type ~= "c2s" or origin.host ~= host or not origin.resource then return; end
-	if not stanza.attr.to then return; end
+	if not stanza.attr.to and stanza.name ~= "presence" then return; end
 	if config.test_faults then
 		local ok, err = pcall(test_fault, stanza);
 		if not ok then
@@ -142,19 +234,26 @@ local function to_account(event)
 	return finish(stanza, pcall(room_event, stanza, os.time()));
 end
 
+-- Something the module does of its own accord (see src/raw.rs, control).
+local function act(...)
+	return finish(nil, pcall(control, ...));
+end
+
 -- Above mod_vcard_legacy (1, which adds the avatar hash to presence), below mod_blocklist
 -- (100), before mod_presence's directed-presence tracking, mod_mam and mod_carbons (0 and
 -- lower), so a stanza the account sends for a session is neither tracked, archived nor
 -- copied as the session's own.
 local PRIORITY_OUT = 0.5;
 module:hook("pre-presence/full", from_session, PRIORITY_OUT);
+module:hook("pre-presence/bare", from_session, PRIORITY_OUT);
 module:hook("pre-message/full", from_session, PRIORITY_OUT);
 module:hook("pre-message/bare", from_session, PRIORITY_OUT);
 module:hook("pre-iq/full", from_session, PRIORITY_OUT);
 module:hook("pre-iq/bare", from_session, PRIORITY_OUT);
 
 -- Before mod_presence, mod_message and mod_iq (0), which would forward room presences to
--- every session or bounce groupchat (which makes the room kick the account); after
+-- every session or bounce groupchat (which makes the room kick the account), and before
+-- mod_mam and mod_carbons (which would archive it per session or copy it); after
 -- mod_blocklist (100), so a blocked room stays blocked.
 local PRIORITY_IN = 50;
 module:hook("presence/bare", to_account, PRIORITY_IN);
@@ -164,23 +263,77 @@ module:hook("iq/bare", to_account, PRIORITY_IN);
 module:hook("resource-unbind", function (event)
 	local session = event.session;
 	if session.host ~= host or not session.username or not session.resource then return; end
-	local ok, notes = pcall(core.session_ended, core, session.username, session.resource);
-	if not ok then
-		log_failure(nil, notes);
-	elseif notes then
-		for _, note in ipairs(notes) do module:log("info", "%s", note); end
-	end
+	act("ended", session.username, session.resource);
 end);
 
--- A reload keeps the core object and with it every membership: nothing goes to any room.
+-- XEP-0402 bookmarks: autojoin makes the account join, its end makes it leave.
+if bookmarks_setting then
+	local hooked = {};
+	module:handle_items("pep-service", function (event)
+		local service, user = event.item.service, jid_node(event.item.jid);
+		if not user or hooked[service] then return; end
+		local function published(data)
+			local conference = data.item and data.item:get_child("conference", NS_BOOKMARKS);
+			if not conference or not data.id then return; end
+			local autojoin = conference.attr.autojoin == "true" or conference.attr.autojoin == "1";
+			act("bookmark", user, data.id, conference:get_child_text("nick"),
+				conference:get_child_text("password"), autojoin);
+		end
+		local function retracted(data)
+			if data.node == NS_BOOKMARKS and data.id then
+				act("bookmark", user, data.id, nil, nil, false);
+			end
+		end
+		hooked[service] = { published = published, retracted = retracted };
+		module:hook_object_event(service.events, "item-published/" .. NS_BOOKMARKS, published);
+		module:hook_object_event(service.events, "item-retracted", retracted);
+	end, function (event)
+		local service = event.item.service;
+		local h = hooked[service];
+		if not h then return; end
+		hooked[service] = nil;
+		module:unhook_object_event(service.events, "item-published/" .. NS_BOOKMARKS, h.published);
+		module:unhook_object_event(service.events, "item-retracted", h.retracted);
+	end, true);
+end
+
+-- A reload keeps the core and with it every membership: nothing goes to any room.
+local reloaded = false;
+
 function module.save()
-	return { core = core, room_event = room_event, session_event = session_event };
+	return { core = core, room_event = room_event, session_event = session_event, control = control };
 end
 
 function module.restore(saved)
-	if saved and saved.core and saved.room_event and saved.session_event then
-		core, room_event, session_event = saved.core, saved.room_event, saved.session_event;
+	if saved and saved.core and saved.room_event and saved.session_event and saved.control then
+		core, room_event, session_event, control = saved.core, saved.room_event, saved.session_event, saved.control;
+		reloaded = true;
 	end
 end
+
+-- After a start (not a reload), accounts rejoin the rooms they were in, asking for no
+-- history. This runs once the server has started (the MUC components are there) and after
+-- module.restore had its chance.
+local function rejoin_stored()
+	if reloaded then return; end
+	local users = store.users and store:users();
+	if not users then
+		module:log("warn", "This storage cannot list accounts: memberships are not restored after a restart");
+		return;
+	end
+	local count = 0;
+	for user in users do
+		local rooms = store:get(user);
+		for room, m in pairs(rooms or {}) do
+			act("restore", user, room, m.nick, m.password);
+			count = count + 1;
+		end
+	end
+	if count > 0 then module:log("info", "Rejoined %d stored memberships", count); end
+end
+
+prosody.started:next(function ()
+	module:add_timer(0, rejoin_stored);
+end);
 
 module:log("info", "mod_minimix %s loaded", minimix.version);

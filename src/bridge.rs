@@ -5,9 +5,7 @@
 use std::cell::RefCell;
 use std::rc::Rc;
 
-use mlua::{
-    Function, Lua, LuaString, Result as LuaResult, Table, UserData, UserDataMethods, Value,
-};
+use mlua::{Function, Lua, LuaString, Result as LuaResult, Table, UserData, UserDataMethods};
 
 use crate::host::{Config, Host};
 use crate::raw::{self, Shared};
@@ -41,22 +39,18 @@ fn config_from_lua(t: &Table) -> LuaResult<Config> {
 
 impl UserData for HostHandle {
     fn add_methods<M: UserDataMethods<Self>>(methods: &mut M) {
-        // A session ended without leaving: returns the notes worth logging.
-        methods.add_method(
-            "session_ended",
-            |lua, this, (user, resource): (LuaString, LuaString)| {
-                let out = this
-                    .shared
-                    .host
-                    .try_borrow_mut()
-                    .map_err(|_| mlua::Error::runtime("mod_minimix core re-entered"))?
-                    .session_ended(&user.to_str()?, &resource.to_str()?);
-                match out.notes.is_empty() {
-                    true => Ok(Value::Nil),
-                    false => Ok(Value::Table(lua.create_sequence_from(out.notes)?)),
-                }
-            },
-        );
+        // What to store of an account's memberships: a list of { room, nick, password }.
+        methods.add_method("persisted", |lua, this, user: LuaString| {
+            let list = lua.create_table()?;
+            for (room, nick, password) in this.shared.host.borrow().persisted(&user.to_str()?) {
+                let row = lua.create_table()?;
+                row.raw_set("room", room)?;
+                row.raw_set("nick", nick)?;
+                row.raw_set("password", password)?;
+                list.raw_push(row)?;
+            }
+            Ok(list)
+        });
         methods.add_method("memberships", |lua, this, user: LuaString| {
             let list = lua.create_table()?;
             let host = this.shared.host.borrow();
@@ -84,7 +78,7 @@ impl UserData for HostHandle {
     }
 }
 
-/// `minimix.new(host, config, stanza_mt)` → `core, room_event, session_event`.
+/// `minimix.new(host, config, stanza_mt)` → `core, room_event, session_event, control`.
 pub fn exports(lua: &Lua) -> LuaResult<Table> {
     let t = lua.create_table()?;
     t.raw_set(
@@ -93,7 +87,7 @@ pub fn exports(lua: &Lua) -> LuaResult<Table> {
             let core = Host::new(&host, config_from_lua(&config)?);
             let shared = RefCell::new(None);
             // SAFETY: `raw::open` gets the stack mlua prepared, with `stanza_mt` at 1.
-            let (_, room_event, session_event): (Table, Function, Function) = unsafe {
+            let (_, room_event, session_event, control): (Table, Function, Function, Function) = unsafe {
                 lua.exec_raw(stanza_mt, |l| {
                     *shared.borrow_mut() = Some(raw::open(l, core, 1));
                 })?
@@ -101,7 +95,7 @@ pub fn exports(lua: &Lua) -> LuaResult<Table> {
             let shared = shared
                 .into_inner()
                 .ok_or_else(|| mlua::Error::runtime("mod_minimix: no state was made"))?;
-            Ok((HostHandle { shared }, room_event, session_event))
+            Ok((HostHandle { shared }, room_event, session_event, control))
         })?,
     )?;
     t.raw_set("version", env!("CARGO_PKG_VERSION"))?;

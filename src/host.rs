@@ -9,6 +9,7 @@ use minidom::Element;
 
 use crate::iq::{IqProxy, PendingIq};
 use crate::membership::{Membership, Phase};
+use crate::presence::{self, SessionPresence};
 use crate::stanza::{
     self, Addr, Head, Kind, NS_CLIENT, NS_DELAY, NS_MUC, NS_MUC_USER, NS_PING, NS_TEST_FAULT,
     Payload, n, status,
@@ -121,6 +122,11 @@ pub struct Outcome {
     pub actions: Vec<Action>,
     /// Lines worth an admin's attention (logged by the shim at info).
     pub notes: Vec<String>,
+    /// The account's memberships changed: the shim stores [`Host::persisted`] again.
+    pub persist: bool,
+    /// The stanza that came in is a live groupchat message for the account's own archive
+    /// (stored once, before it is forked).
+    pub archive: bool,
 }
 
 impl Outcome {
@@ -189,6 +195,8 @@ pub struct Host {
     config: Config,
     accounts: HashMap<String, Account>,
     iq_seq: u64,
+    /// Orders session presences, for "the latest on ties".
+    presence_seq: u64,
 }
 
 impl Host {
@@ -198,6 +206,7 @@ impl Host {
             config,
             accounts: HashMap::new(),
             iq_seq: 0,
+            presence_seq: 0,
         }
     }
 
@@ -240,7 +249,13 @@ impl Host {
         now: i64,
     ) -> Outcome {
         let head = *head;
-        let Some(to) = head.to.and_then(Addr::parse) else {
+        let Some(to_text) = head.to else {
+            if head.kind == Kind::Presence {
+                return self.session_broadcast(user, resource, &head, el);
+            }
+            return Outcome::pass();
+        };
+        let Some(to) = Addr::parse(to_text) else {
             return Outcome::pass();
         };
         if to.node.is_none() || to.domain == self.domain {
@@ -311,6 +326,8 @@ impl Host {
         let is_join = el.has_child("x", NS_MUC);
         let max_rooms = self.config.max_rooms;
         let mut out = Outcome::handled(user);
+        self.presence_seq += 1;
+        let seq = self.presence_seq;
         let Some(m) = self.membership_mut(user, room) else {
             // First join: the account joins. The membership is recorded before the join is
             // sent, because a MUC on this server answers while the join is being sent.
@@ -330,14 +347,20 @@ impl Host {
             if jid::FullJid::new(&format!("{room}/{nick}")).is_err() {
                 return Outcome::pass();
             }
+            let mut m = Membership::new(room, nick, resource);
+            m.password = el.join_password();
+            let presence = presence::reduce(&el.xml(), seq);
+            m.shown = presence.as_ref().map(|p| p.xml.clone());
+            m.participants[0].presence = presence;
             self.accounts
                 .entry(user.to_owned())
                 .or_default()
                 .rooms
-                .insert(room.to_owned(), Membership::new(room, nick, resource));
+                .insert(room.to_owned(), m);
             out.notes.push(format!(
                 "{user} joins {room} as {nick} (first session {resource})"
             ));
+            out.persist = true;
             out.send_original(None);
             return out;
         };
@@ -345,24 +368,39 @@ impl Host {
         match (m.phase, participant) {
             (Phase::Leaving, _) => {
                 m.restart(nick, resource);
+                m.password = el.join_password();
+                let presence = presence::reduce(&el.xml(), seq);
+                m.shown = presence.as_ref().map(|p| p.xml.clone());
+                m.participants[0].presence = presence;
                 out.notes
                     .push(format!("{user} rejoins {room} as {nick} while leaving it"));
+                out.persist = true;
                 out.send_original(None);
             }
             (Phase::Joined, Some(true)) if !is_join => {
                 if nick != m.nick {
+                    // A nick change: the room answers with 303 and the new presence.
                     m.nick_change_by = Some(resource.to_owned());
+                    out.send_original(None);
+                } else {
+                    // A presence update: the room sees the account's aggregate only.
+                    set_presence(m, resource, presence::reduce(&el.xml(), seq));
+                    update_room_presence(m, &mut out);
                 }
-                out.send_original(None);
             }
-            (Phase::Joining, Some(false)) if !is_join => out.send_original(None),
+            (Phase::Joining, Some(false)) if !is_join => {
+                set_presence(m, resource, presence::reduce(&el.xml(), seq));
+            }
             (Phase::Joined, _) => {
                 m.add(resource, true);
+                set_presence(m, resource, presence::reduce(&el.xml(), seq));
                 serve_join(m, resource, el, nick, now, &mut out);
+                update_room_presence(m, &mut out);
             }
             (Phase::Joining, _) => {
                 // The account's join is in flight: replay what arrived, the rest follows.
                 m.add(resource, false);
+                set_presence(m, resource, presence::reduce(&el.xml(), seq));
                 for p in m.occupants.others(&m.nick) {
                     out.deliver(
                         resource,
@@ -392,9 +430,11 @@ impl Host {
             out.notes.push(format!(
                 "{user} leaves {room} (last session {resource} left)"
             ));
+            out.persist = true;
             out.send_original(None);
         } else {
             out.deliver(resource, Out::New(leave_presence(m)));
+            update_room_presence(m, &mut out);
         }
         out
     }
@@ -538,6 +578,7 @@ impl Host {
                         el.error_condition().as_deref().unwrap_or("error")
                     ));
                     account.rooms.remove(room);
+                    out.persist = true;
                     drop_empty(&mut self.accounts, user);
                 }
                 Phase::Leaving => {
@@ -545,6 +586,7 @@ impl Host {
                         out.deliver_original(r);
                     }
                     account.rooms.remove(room);
+                    out.persist = true;
                     drop_empty(&mut self.accounts, user);
                 }
                 Phase::Joined => match m.nick_change_by.take() {
@@ -582,6 +624,7 @@ impl Host {
             }
             if m.phase == Phase::Joining {
                 out.notes.push(format!("{user} joined {room} as {nick}"));
+                out.persist = true;
             }
             m.phase = Phase::Joined;
             m.mark_all_joined();
@@ -595,6 +638,7 @@ impl Host {
         if nick_changed {
             if let Some(new_nick) = el.item_attr("nick") {
                 m.nick = new_nick;
+                out.persist = true;
             }
             out.fork(m);
             return out;
@@ -606,6 +650,7 @@ impl Host {
             }
             if m.phase == Phase::Leaving {
                 account.rooms.remove(room);
+                out.persist = true;
                 drop_empty(&mut self.accounts, user);
                 out.notes.push(format!("{user} left {room}"));
             }
@@ -617,6 +662,7 @@ impl Host {
         out.notes
             .push(format!("{user} was removed from {room} (status {codes:?})"));
         account.rooms.remove(room);
+        out.persist = true;
         drop_empty(&mut self.accounts, user);
         out
     }
@@ -648,9 +694,10 @@ impl Host {
                     .child_attr("delay", NS_DELAY, "stamp")
                     .and_then(|s| crate::time::parse_stamp(&s));
                 // Live traffic means the join answer is over, even from a room that sends
-                // no subject at all.
+                // no subject at all. History the room replays is not archived again.
                 if delay.is_none() {
                     m.complete = true;
+                    out.archive = true;
                 }
                 m.history.push(el.xml(), delay, now, history_length);
             }
@@ -684,6 +731,7 @@ impl Host {
                         "{user} is no longer in {room} (self-ping answered with an error)"
                     ));
                     account.rooms.remove(room);
+                    out.persist = true;
                 }
                 out.deliver(&pending.resource, Out::Original { id: pending.id });
                 drop_empty(&mut self.accounts, user);
@@ -721,17 +769,179 @@ impl Host {
         let Some(account) = self.accounts.get_mut(user) else {
             return Outcome::pass();
         };
-        let mut out = Outcome::pass();
+        let mut out = Outcome {
+            user: Some(user.to_owned()),
+            ..Outcome::default()
+        };
         for m in account.rooms.values_mut() {
-            if m.remove(resource) && m.participants.is_empty() && m.phase != Phase::Leaving {
+            if !m.remove(resource) || m.phase == Phase::Leaving {
+                continue;
+            }
+            if m.participants.is_empty() {
                 out.notes.push(format!(
                     "{user} stays in {} with no session joined ({resource} ended)",
                     m.room
                 ));
+            } else {
+                update_room_presence(m, &mut out);
             }
         }
         account.iqs.forget_session(resource);
         out
+    }
+
+    /// A session's broadcast presence (no `to`): it is that session's presence in every
+    /// room it joined. Prosody goes on with its own broadcast.
+    fn session_broadcast(
+        &mut self,
+        user: &str,
+        resource: &str,
+        head: &Head,
+        el: &dyn Payload,
+    ) -> Outcome {
+        let Some(account) = self.accounts.get_mut(user) else {
+            return Outcome::pass();
+        };
+        let available = match head.type_ {
+            None => true,
+            Some("unavailable") => false,
+            _ => return Outcome::pass(),
+        };
+        self.presence_seq += 1;
+        let mut reduced: Option<Option<SessionPresence>> = None;
+        let mut out = Outcome {
+            user: Some(user.to_owned()),
+            ..Outcome::default()
+        };
+        for m in account.rooms.values_mut() {
+            if m.phase == Phase::Leaving || !m.is_participant(resource) {
+                continue;
+            }
+            let p = reduced
+                .get_or_insert_with(|| {
+                    available
+                        .then(|| presence::reduce(&el.xml(), self.presence_seq))
+                        .flatten()
+                })
+                .clone();
+            set_presence(m, resource, p);
+            if m.phase == Phase::Joined {
+                update_room_presence(m, &mut out);
+            }
+        }
+        out
+    }
+
+    // ---------------------------------------------------------------------------------
+    // Memberships the module makes itself: after a restart, from bookmarks, by an admin.
+
+    /// Rejoin a stored membership after a restart, with no session and no history.
+    pub fn restore(
+        &mut self,
+        user: &str,
+        room: &str,
+        nick: &str,
+        password: Option<&str>,
+    ) -> Outcome {
+        self.join_without_session(user, room, nick, password, "rejoins after a restart")
+    }
+
+    /// A XEP-0402 bookmark was published (`autojoin` as it says) or retracted (false).
+    pub fn bookmark(
+        &mut self,
+        user: &str,
+        room: &str,
+        nick: Option<&str>,
+        password: Option<&str>,
+        autojoin: bool,
+    ) -> Outcome {
+        let joined = self
+            .membership(user, room)
+            .is_some_and(|m| m.phase != Phase::Leaving);
+        match (autojoin, joined) {
+            (true, false) => {
+                let nick = nick.unwrap_or(user).to_owned();
+                self.join_without_session(user, room, &nick, password, "joins from a bookmark")
+            }
+            (false, true) => self.leave(user, room, "its bookmark no longer asks to join"),
+            _ => Outcome::pass(),
+        }
+    }
+
+    fn join_without_session(
+        &mut self,
+        user: &str,
+        room: &str,
+        nick: &str,
+        password: Option<&str>,
+        why: &str,
+    ) -> Outcome {
+        if self.membership(user, room).is_some() {
+            return Outcome::pass();
+        }
+        let Some(muc_host) = Addr::parse(room).map(|a| a.domain) else {
+            return Outcome::pass();
+        };
+        if self.excluded(room, muc_host) || jid::FullJid::new(&format!("{room}/{nick}")).is_err() {
+            return Outcome::pass();
+        }
+        let max_rooms = self.config.max_rooms;
+        let account = self.accounts.entry(user.to_owned()).or_default();
+        let mut out = Outcome::handled(user);
+        if account.rooms.len() >= max_rooms {
+            out.notes.push(format!(
+                "{user} does not join {room}: already in {max_rooms} rooms (minimix_max_rooms)"
+            ));
+            return out;
+        }
+        let mut m = Membership::without_sessions(room, nick);
+        m.password = password.map(str::to_owned);
+        account.rooms.insert(room.to_owned(), m);
+        out.notes.push(format!("{user} {why}: {room} as {nick}"));
+        out.persist = true;
+        out.actions.push(Action::Send {
+            stanza: Out::New(presence::join_for_room(room, nick, password)),
+        });
+        out
+    }
+
+    /// Make the account leave a room; its joined sessions get the room's answer.
+    pub fn leave(&mut self, user: &str, room: &str, why: &str) -> Outcome {
+        let Some(m) = self.membership_mut(user, room) else {
+            return Outcome::pass();
+        };
+        if m.phase == Phase::Leaving {
+            return Outcome::pass();
+        }
+        let mut out = Outcome::handled(user);
+        m.phase = Phase::Leaving;
+        let resources: Vec<String> = m.recipients().map(str::to_owned).collect();
+        m.participants.clear();
+        m.leave_waiters.extend(resources);
+        out.notes.push(format!("{user} leaves {room}: {why}"));
+        out.persist = true;
+        out.actions.push(Action::Send {
+            stanza: Out::New(presence::leave_for_room(room, &m.nick)),
+        });
+        out
+    }
+
+    /// What to store of an account's memberships: room, nick and password of each room it
+    /// is in or joining, sorted by room.
+    pub fn persisted(&self, user: &str) -> Vec<(String, String, Option<String>)> {
+        let mut v: Vec<_> = self
+            .accounts
+            .get(user)
+            .map(|a| {
+                a.rooms
+                    .values()
+                    .filter(|m| m.phase != Phase::Leaving)
+                    .map(|m| (m.room.clone(), m.nick.clone(), m.password.clone()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
     }
 
     // ---------------------------------------------------------------------------------
@@ -787,6 +997,28 @@ impl Host {
             }
         }
         s
+    }
+}
+
+fn set_presence(m: &mut Membership, resource: &str, presence: Option<SessionPresence>) {
+    if let Some(p) = m.participant_mut(resource) {
+        p.presence = presence;
+    }
+}
+
+/// Tell the room the account's presence if the aggregate changed (flow 8).
+fn update_room_presence(m: &mut Membership, out: &mut Outcome) {
+    let Some(best) = presence::aggregate(m) else {
+        return;
+    };
+    if m.shown.as_deref() == Some(&*best.xml) {
+        return;
+    }
+    if let Some(update) = presence::update_for_room(best, &m.room, &m.nick) {
+        m.shown = Some(best.xml.clone());
+        out.actions.push(Action::Send {
+            stanza: Out::New(update),
+        });
     }
 }
 

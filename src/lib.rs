@@ -9,6 +9,7 @@ pub mod host;
 pub mod iq;
 pub mod membership;
 pub mod occupants;
+pub mod presence;
 mod raw;
 pub mod stanza;
 pub mod time;

@@ -5,6 +5,7 @@ use std::rc::Rc;
 
 use crate::history::RoomHistory;
 use crate::occupants::OccupantCache;
+use crate::presence::SessionPresence;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Phase {
@@ -22,6 +23,8 @@ pub struct Participant {
     pub resource: Rc<str>,
     /// False while the session waits for the account's in-flight join.
     pub joined: bool,
+    /// The session's presence toward the room; none after it went unavailable.
+    pub presence: Option<SessionPresence>,
 }
 
 #[derive(Debug)]
@@ -45,6 +48,10 @@ pub struct Membership {
     pub affiliation: Option<String>,
     pub history: RoomHistory,
     pub subject: Option<Rc<str>>,
+    /// The room's password, as the first join gave it (for rejoins after a restart).
+    pub password: Option<String>,
+    /// What the room was last told of the account's presence (reduced form).
+    pub shown: Option<Rc<str>>,
 }
 
 impl Membership {
@@ -57,6 +64,7 @@ impl Membership {
             participants: vec![Participant {
                 resource: first.into(),
                 joined: false,
+                presence: None,
             }],
             leave_waiters: Vec::new(),
             nick_change_by: None,
@@ -65,14 +73,31 @@ impl Membership {
             affiliation: None,
             history: RoomHistory::default(),
             subject: None,
+            password: None,
+            shown: None,
         }
+    }
+
+    /// A membership with no session yet (after a restart, from a bookmark).
+    pub fn without_sessions(room: &str, nick: &str) -> Membership {
+        let mut m = Membership::new(room, nick, "");
+        m.participants.clear();
+        m
+    }
+
+    pub fn participant_mut(&mut self, resource: &str) -> Option<&mut Participant> {
+        self.participants
+            .iter_mut()
+            .find(|p| &*p.resource == resource)
     }
 
     /// Start afresh after a leave was sent: a new join of the account is in flight.
     pub fn restart(&mut self, nick: &str, first: &str) {
         let waiters = std::mem::take(&mut self.leave_waiters);
+        let password = self.password.take();
         *self = Membership::new(&self.room, nick, first);
         self.leave_waiters = waiters;
+        self.password = password;
     }
 
     pub fn participant(&self, resource: &str) -> Option<&Participant> {
@@ -97,6 +122,7 @@ impl Membership {
             None => self.participants.push(Participant {
                 resource: resource.into(),
                 joined,
+                presence: None,
             }),
         }
     }

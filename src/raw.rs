@@ -299,6 +299,20 @@ impl Payload for RawStanza<'_> {
         }
     }
 
+    fn join_password(&self) -> Option<String> {
+        let l = self.l;
+        unsafe {
+            with_child(l, self.idx, "x", NS_MUC, NS_CLIENT, |x| {
+                with_child(l, x, "password", NS_MUC, NS_MUC, |p| {
+                    ffi::lua_rawgeti(l, p, 1);
+                    let text = str_at(l, -1).map(str::to_owned);
+                    ffi::lua_pop(l, 1);
+                    Some(text.unwrap_or_default())
+                })
+            })
+        }
+    }
+
     fn xml(&self) -> Rc<str> {
         let l = self.l;
         let mut memo = self.memo.borrow_mut();
@@ -767,15 +781,19 @@ unsafe fn push_kept(l: *mut lua_State, xml: &str, edit: &Edit, mt: c_int) -> Opt
     }
 }
 
-/// Push `handled, user, actions, notes[, recipients]` (nothing at all for a plain pass).
-/// `actions` is a flat list of quadruples `op, resource|false, stanza|false, id|false`:
-/// `stanza` false means the stanza that came in, `id` false means keep its id. A plain fork
-/// comes as `recipients` instead, the full JIDs to give the stanza that came in to.
+/// Push `handled, user, actions, notes, recipients, flags` (nothing at all for a plain
+/// pass). `actions` is a flat list of quadruples `op, resource|false, stanza|false,
+/// id|false`: `stanza` false means the stanza that came in, `id` false means keep its id.
+/// A plain fork comes as `recipients` instead (and `actions` nil): the full JIDs to give
+/// the stanza that came in to. `flags`: 1 = store the account's memberships again,
+/// 2 = archive the stanza that came in for the account (before forking it).
 unsafe fn push_outcome(l: *mut lua_State, shared: &Shared, out: Outcome) -> Result<c_int, String> {
     unsafe {
-        if !out.handled && out.notes.is_empty() {
+        if !out.handled && out.notes.is_empty() && out.actions.is_empty() && !out.persist {
             return Ok(0);
         }
+        let flags =
+            ffi::lua_Integer::from(out.persist) | (ffi::lua_Integer::from(out.archive) << 1);
         ffi::lua_checkstack(l, 8);
         let first = ffi::lua_gettop(l) + 1;
         ffi::lua_pushboolean(l, c_int::from(out.handled));
@@ -808,7 +826,8 @@ unsafe fn push_outcome(l: *mut lua_State, shared: &Shared, out: Outcome) -> Resu
                     ffi::lua_rawseti(l, -2, k as ffi::lua_Integer + 1);
                 }
             }
-            return Ok(5);
+            ffi::lua_pushinteger(l, flags);
+            return Ok(6);
         }
         ffi::lua_createtable(l, (out.actions.len() * 4) as c_int, 0);
         let actions = ffi::lua_gettop(l);
@@ -847,7 +866,9 @@ unsafe fn push_outcome(l: *mut lua_State, shared: &Shared, out: Outcome) -> Resu
             ffi::lua_rawseti(l, actions, next());
         }
         push_notes(l, &out.notes);
-        Ok(4)
+        ffi::lua_pushnil(l);
+        ffi::lua_pushinteger(l, flags);
+        Ok(6)
     }
 }
 
@@ -947,6 +968,52 @@ unsafe extern "C-unwind" fn session_event(l: *mut lua_State) -> c_int {
     }
 }
 
+/// `control(op, user, ...)`: what the module does of its own accord.
+///   "ended", user, resource            — a session ended without leaving
+///   "restore", user, room, nick, password|nil — rejoin after a restart
+///   "bookmark", user, room, nick|nil, password|nil, autojoin
+///   "leave", user, room, reason        — make the account leave (admin)
+unsafe extern "C-unwind" fn control(l: *mut lua_State) -> c_int {
+    unsafe {
+        let shared = shared_of(l);
+        let result = catch_unwind(AssertUnwindSafe(|| -> Result<c_int, String> {
+            let (Some(op), Some(user)) = (str_at(l, 1), str_at(l, 2)) else {
+                return Err("control: needs an operation and an account".to_owned());
+            };
+            let arg = |i| str_at(l, i);
+            let out = {
+                let mut host = shared
+                    .host
+                    .try_borrow_mut()
+                    .map_err(|_| "mod_minimix core re-entered".to_owned())?;
+                match (op, arg(3)) {
+                    ("ended", Some(resource)) => host.session_ended(user, resource),
+                    ("restore", Some(room)) => {
+                        host.restore(user, room, arg(4).unwrap_or(user), arg(5))
+                    }
+                    ("bookmark", Some(room)) => {
+                        let autojoin = ffi::lua_toboolean(l, 6) != 0;
+                        host.bookmark(user, room, arg(4), arg(5), autojoin)
+                    }
+                    ("leave", Some(room)) => {
+                        host.leave(user, room, arg(4).unwrap_or("asked by an admin"))
+                    }
+                    _ => return Err(format!("control: unknown operation {op}")),
+                }
+            };
+            push_outcome(l, shared, out)
+        }));
+        let message = match result {
+            Ok(Ok(n)) => return n,
+            Ok(Err(message)) => message,
+            Err(panic) => panic_text(panic),
+        };
+        ffi::lua_pushnil(l);
+        push_str(l, &message);
+        2
+    }
+}
+
 unsafe extern "C-unwind" fn gc_shared(l: *mut lua_State) -> c_int {
     unsafe {
         let boxed = ffi::lua_touserdata(l, 1).cast::<*const Shared>();
@@ -982,8 +1049,8 @@ unsafe fn push_closure(l: *mut lua_State, shared: &Rc<Shared>, f: ffi::lua_CFunc
     }
 }
 
-/// Make the shared state for a host and push its two hot entry points,
-/// `room_event` and `session_event`. `stanza_mt` is at stack index `mt_index`.
+/// Make the shared state for a host and push its entry points `room_event`,
+/// `session_event` and `control`. `stanza_mt` is at stack index `mt_index`.
 ///
 /// # Safety
 /// `l` is a valid Lua state with room for three more values.
@@ -992,6 +1059,7 @@ pub unsafe fn open(l: *mut lua_State, host: Host, mt_index: c_int) -> Rc<Shared>
         let shared = new_shared(l, host, mt_index);
         push_closure(l, &shared, room_event);
         push_closure(l, &shared, session_event);
+        push_closure(l, &shared, control);
         shared
     }
 }

@@ -130,6 +130,8 @@ pub trait Payload {
     fn error_condition(&self) -> Option<String>;
     /// The `<history/>` a MUC join asks for, when it asks.
     fn history_request(&self) -> Option<HistoryRequest>;
+    /// The `<password/>` of a MUC join.
+    fn join_password(&self) -> Option<String>;
     /// The stanza serialized without its `to` (so one copy serves every account a room
     /// sent it to), with `xmlns='jabber:client'` on the top element.
     fn xml(&self) -> Rc<str>;
@@ -165,6 +167,14 @@ impl Payload for Element {
     fn history_request(&self) -> Option<HistoryRequest> {
         let h = self.get_child("x", NS_MUC)?.get_child("history", NS_MUC)?;
         HistoryRequest::try_from(h.clone()).ok()
+    }
+
+    fn join_password(&self) -> Option<String> {
+        Some(
+            self.get_child("x", NS_MUC)?
+                .get_child("password", NS_MUC)?
+                .text(),
+        )
     }
 
     fn xml(&self) -> Rc<str> {

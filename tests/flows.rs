@@ -842,10 +842,6 @@ fn what_a_joined_session_sends_to_the_room_leaves_from_the_account() {
             "send message to=R id=inv1",
         ),
         (
-            "<presence to='$R/Al' id='u1'><show>away</show></presence>",
-            "send presence to=R/Al id=u1",
-        ),
-        (
             "<message type='groupchat' to='$R' id='s1'><subject>New</subject></message>",
             "send message groupchat to=R id=s1 subject=New",
         ),
