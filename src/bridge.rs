@@ -73,6 +73,9 @@ impl UserData for HostHandle {
             t.raw_set("cached_messages", s.cached_messages)?;
             t.raw_set("pending_iqs", s.pending_iqs)?;
             t.raw_set("kept_bytes", s.kept_bytes)?;
+            t.raw_set("forked", s.forked)?;
+            t.raw_set("joins_served_locally", s.joins_served_locally)?;
+            t.raw_set("iqs_proxied", s.iqs_proxied)?;
             Ok(t)
         });
     }

@@ -188,6 +188,17 @@ pub struct Stats {
     pub pending_iqs: usize,
     /// Bytes of kept stanza text (shared text counted once per membership).
     pub kept_bytes: usize,
+    /// Counters since the host's state was made.
+    pub forked: u64,
+    pub joins_served_locally: u64,
+    pub iqs_proxied: u64,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct Counters {
+    forked: u64,
+    joins_served_locally: u64,
+    iqs_proxied: u64,
 }
 
 pub struct Host {
@@ -197,6 +208,7 @@ pub struct Host {
     iq_seq: u64,
     /// Orders session presences, for "the latest on ties".
     presence_seq: u64,
+    counters: Counters,
 }
 
 impl Host {
@@ -207,6 +219,7 @@ impl Host {
             accounts: HashMap::new(),
             iq_seq: 0,
             presence_seq: 0,
+            counters: Counters::default(),
         }
     }
 
@@ -365,6 +378,7 @@ impl Host {
             return out;
         };
         let participant = m.participant(resource).map(|p| p.joined);
+        let mut served_locally = false;
         match (m.phase, participant) {
             (Phase::Leaving, _) => {
                 m.restart(nick, resource);
@@ -395,6 +409,7 @@ impl Host {
                 m.add(resource, true);
                 set_presence(m, resource, presence::reduce(&el.xml(), seq));
                 serve_join(m, resource, el, nick, now, &mut out);
+                served_locally = true;
                 update_room_presence(m, &mut out);
             }
             (Phase::Joining, _) => {
@@ -411,6 +426,9 @@ impl Host {
                     );
                 }
             }
+        }
+        if served_locally {
+            self.counters.joins_served_locally += 1;
         }
         out
     }
@@ -495,6 +513,7 @@ impl Host {
         match head.type_ {
             Some("get" | "set") => {
                 self.iq_seq += 1;
+                self.counters.iqs_proxied += 1;
                 let our_id = format!("mmx{}", self.iq_seq);
                 account.iqs.track(
                     our_id.clone(),
@@ -529,6 +548,24 @@ impl Host {
     }
 
     pub fn room_event(&mut self, head: &Head, el: &dyn Payload, now: i64) -> Outcome {
+        let out = self.room_event_inner(head, el, now);
+        self.counters.forked += out
+            .actions
+            .iter()
+            .filter(|a| {
+                matches!(
+                    a,
+                    Action::Deliver {
+                        stanza: Out::Original { .. },
+                        ..
+                    }
+                )
+            })
+            .count() as u64;
+        out
+    }
+
+    fn room_event_inner(&mut self, head: &Head, el: &dyn Payload, now: i64) -> Outcome {
         let head = *head;
         let Some(to) = head.to.and_then(Addr::parse) else {
             return Outcome::pass();
@@ -981,6 +1018,9 @@ impl Host {
     pub fn stats(&self) -> Stats {
         let mut s = Stats {
             accounts: self.accounts.len(),
+            forked: self.counters.forked,
+            joins_served_locally: self.counters.joins_served_locally,
+            iqs_proxied: self.counters.iqs_proxied,
             ..Stats::default()
         };
         for a in self.accounts.values() {
