@@ -933,6 +933,9 @@ impl Host {
         }
         let mut m = Membership::without_sessions(room, nick);
         m.password = password.map(str::to_owned);
+        // The join carries a plain available presence: that is what the room shows until
+        // a session says otherwise.
+        m.shown = presence::reduce("<presence xmlns='jabber:client'/>", 0).map(|p| p.xml);
         account.rooms.insert(room.to_owned(), m);
         out.notes.push(format!("{user} {why}: {room} as {nick}"));
         out.persist = true;
