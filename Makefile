@@ -18,7 +18,7 @@ C2S_PORT ?= 5222
 PLUGIN := build/mod_minimix
 SO := target/release/libminimix.so
 
-.PHONY: all build deps run test check unit spec lint install clean
+.PHONY: all build deps run test check unit spec lint install clean bench
 
 all: build
 
@@ -61,6 +61,11 @@ check: lint unit spec
 
 test: deps
 	$(MAKE) check
+
+# Speed and memory against plain Prosody and a pure-Lua implementation (README, Performance).
+bench: deps build
+	lua5.4 spec/bench/inprocess.lua
+	lua5.4 spec/bench/e2e.lua both 3 2000
 
 install: build
 	install -d $(DESTDIR)$(PLUGIN_DIR)/mod_minimix

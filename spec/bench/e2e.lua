@@ -227,16 +227,18 @@ local function bench(shape)
 			cpus[#cpus + 1] = r.cpu; walls[#walls + 1] = r.wall
 			lost = lost + r.lost; dup = dup + r.dup
 		end
+		local rss = {}
+		for _, r in ipairs(rs) do rss[#rss + 1] = r.rss_growth end
 		out[mode] = { cpu = median(cpus), wall = median(walls), lost = lost, dup = dup,
-			delivered = rs[1].delivered, messages = rs[1].messages }
+			delivered = rs[1].delivered, messages = rs[1].messages, rss = median(rss) }
 	end
 	local p, m = out.plain, out.minimix
 	print(("shape %s: %d messages, %d deliveries per run, medians of %d alternating runs"):format(
 		shape, p.messages, p.delivered, RUNS))
-	print(("  %-8s server CPU %7.3f s (%6.3f ms/message)  wall %7.3f s  lost %d  duplicated %d"):format(
-		"plain", p.cpu, p.cpu * 1000 / p.messages, p.wall, p.lost, p.dup))
-	print(("  %-8s server CPU %7.3f s (%6.3f ms/message)  wall %7.3f s  lost %d  duplicated %d"):format(
-		"minimix", m.cpu, m.cpu * 1000 / m.messages, m.wall, m.lost, m.dup))
+	local line = "  %-8s server CPU %7.3f s (%6.3f ms/message)  wall %7.3f s  lost %d  duplicated %d"
+		.. "  RSS growth over the messages %d KiB"
+	print(line:format("plain", p.cpu, p.cpu * 1000 / p.messages, p.wall, p.lost, p.dup, p.rss))
+	print(line:format("minimix", m.cpu, m.cpu * 1000 / m.messages, m.wall, m.lost, m.dup, m.rss))
 	print(("  ratio minimix/plain: CPU %.2f  wall %.2f"):format(m.cpu / p.cpu, m.wall / p.wall))
 	return m.lost + m.dup + p.lost + p.dup
 end
