@@ -905,15 +905,45 @@ fn panic_text(panic: Box<dyn std::any::Any + Send>) -> String {
     format!("mod_minimix core panicked: {msg}")
 }
 
-/// Runs one event; on failure pushes `nil, message` for the shim to log.
+/// Runs `f` with panics caught; on failure pushes `nil, message` for the shim to log.
+unsafe fn guarded(l: *mut lua_State, f: impl FnOnce(&Shared) -> Result<c_int, String>) -> c_int {
+    unsafe {
+        let shared = shared_of(l);
+        let message = match catch_unwind(AssertUnwindSafe(|| f(shared))) {
+            Ok(Ok(n)) => return n,
+            Ok(Err(message)) => message,
+            Err(panic) => panic_text(panic),
+        };
+        ffi::lua_pushnil(l);
+        push_str(l, &message);
+        2
+    }
+}
+
+/// Runs `f` on the host's core and pushes its outcome.
+unsafe fn with_host(
+    l: *mut lua_State,
+    shared: &Shared,
+    f: impl FnOnce(&mut Host) -> Result<Outcome, String>,
+) -> Result<c_int, String> {
+    let out = {
+        let mut host = shared
+            .host
+            .try_borrow_mut()
+            .map_err(|_| "mod_minimix core re-entered".to_owned())?;
+        f(&mut host)?
+    };
+    unsafe { push_outcome(l, shared, out) }
+}
+
+/// Runs one stanza event on the stanza table at `stanza`.
 unsafe fn run_event(
     l: *mut lua_State,
     stanza: c_int,
     f: impl FnOnce(&mut Host, &Head, &RawStanza) -> Outcome,
 ) -> c_int {
     unsafe {
-        let shared = shared_of(l);
-        let result = catch_unwind(AssertUnwindSafe(|| -> Result<c_int, String> {
+        guarded(l, |shared| {
             if ffi::lua_type(l, stanza) != ffi::LUA_TTABLE {
                 return Ok(0);
             }
@@ -925,23 +955,8 @@ unsafe fn run_event(
                 idx: stanza,
                 memo: &shared.memo,
             };
-            let out = {
-                let mut host = shared
-                    .host
-                    .try_borrow_mut()
-                    .map_err(|_| "mod_minimix core re-entered".to_owned())?;
-                f(&mut host, &head, &payload)
-            };
-            push_outcome(l, shared, out)
-        }));
-        let message = match result {
-            Ok(Ok(n)) => return n,
-            Ok(Err(message)) => message,
-            Err(panic) => panic_text(panic),
-        };
-        ffi::lua_pushnil(l);
-        push_str(l, &message);
-        2
+            with_host(l, shared, |host| Ok(f(host, &head, &payload)))
+        })
     }
 }
 
@@ -975,18 +990,13 @@ unsafe extern "C-unwind" fn session_event(l: *mut lua_State) -> c_int {
 ///   "leave", user, room, reason        — make the account leave (admin)
 unsafe extern "C-unwind" fn control(l: *mut lua_State) -> c_int {
     unsafe {
-        let shared = shared_of(l);
-        let result = catch_unwind(AssertUnwindSafe(|| -> Result<c_int, String> {
+        guarded(l, |shared| {
             let (Some(op), Some(user)) = (str_at(l, 1), str_at(l, 2)) else {
                 return Err("control: needs an operation and an account".to_owned());
             };
             let arg = |i| str_at(l, i);
-            let out = {
-                let mut host = shared
-                    .host
-                    .try_borrow_mut()
-                    .map_err(|_| "mod_minimix core re-entered".to_owned())?;
-                match (op, arg(3)) {
+            with_host(l, shared, |host| {
+                Ok(match (op, arg(3)) {
                     ("ended", Some(resource)) => host.session_ended(user, resource),
                     ("restore", Some(room)) => {
                         host.restore(user, room, arg(4).unwrap_or(user), arg(5))
@@ -999,18 +1009,9 @@ unsafe extern "C-unwind" fn control(l: *mut lua_State) -> c_int {
                         host.leave(user, room, arg(4).unwrap_or("asked by an admin"))
                     }
                     _ => return Err(format!("control: unknown operation {op}")),
-                }
-            };
-            push_outcome(l, shared, out)
-        }));
-        let message = match result {
-            Ok(Ok(n)) => return n,
-            Ok(Err(message)) => message,
-            Err(panic) => panic_text(panic),
-        };
-        ffi::lua_pushnil(l);
-        push_str(l, &message);
-        2
+                })
+            })
+        })
     }
 }
 
