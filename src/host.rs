@@ -393,9 +393,26 @@ impl Host {
             }
             (Phase::Joined, Some(true)) if !is_join => {
                 if nick != m.nick {
-                    // A nick change: the room answers with 303 and the new presence.
+                    // A nick change: the room answers with 303 and the new presence. It
+                    // carries the account's presence, not just the asker's.
                     m.nick_change_by = Some(resource.to_owned());
-                    out.send_original(None);
+                    set_presence(m, resource, presence::reduce(&el.xml(), seq));
+                    let change = presence::aggregate(m).and_then(|best| {
+                        let mut update = presence::update_for_room(best, room, nick)?;
+                        if let Some(id) = head.id {
+                            stanza::set_attr(&mut update, "id", id);
+                        }
+                        Some((best.xml.clone(), update))
+                    });
+                    match change {
+                        Some((shown, update)) => {
+                            m.shown = Some(shown);
+                            out.actions.push(Action::Send {
+                                stanza: Out::New(update),
+                            });
+                        }
+                        None => out.send_original(None),
+                    }
                 } else {
                     // A presence update: the room sees the account's aggregate only.
                     set_presence(m, resource, presence::reduce(&el.xml(), seq));
@@ -626,12 +643,16 @@ impl Host {
                     out.persist = true;
                     drop_empty(&mut self.accounts, user);
                 }
-                Phase::Joined => match m.nick_change_by.take() {
-                    Some(asker) => out.deliver_original(&asker),
-                    None => {
-                        out.fork(m);
+                Phase::Joined => {
+                    let about_own_nick = nick.is_none_or(|n| n == m.nick);
+                    match m.nick_change_by.take() {
+                        // The answer to a nick change goes to the asker only.
+                        Some(asker) if !about_own_nick => out.deliver_original(&asker),
+                        // Its asker is gone: nobody else asked.
+                        None if !about_own_nick => {}
+                        _ => out.fork(m),
                     }
-                },
+                }
             }
             return out;
         }
@@ -670,6 +691,8 @@ impl Host {
             m.self_presence = Some(el.xml());
             m.affiliation = el.item_attr("affiliation");
             out.fork(m);
+            // Presence changes made while the join was in flight reach the room now.
+            update_room_presence(m, &mut out);
             return out;
         }
         if nick_changed {
@@ -721,12 +744,12 @@ impl Host {
             return out;
         }
         if head.is_type("groupchat") {
-            if el.has_child("subject", NS_CLIENT) {
-                if !el.has_child("body", NS_CLIENT) {
-                    m.subject = Some(el.xml());
-                    m.complete = true;
-                }
-            } else if el.has_child("body", NS_CLIENT) {
+            let has_body = el.has_child("body", NS_CLIENT);
+            // XEP-0045 §8.1: only a subject without a body changes the subject.
+            if !has_body && el.has_child("subject", NS_CLIENT) {
+                m.subject = Some(el.xml());
+                m.complete = true;
+            } else if has_body {
                 let delay = el
                     .child_attr("delay", NS_DELAY, "stamp")
                     .and_then(|s| crate::time::parse_stamp(&s));

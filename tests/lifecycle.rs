@@ -1,0 +1,1205 @@
+//! The room lifecycle (issue 4) through the I/O-free core: presence aggregation (SPEC flow
+//! 8), removal by the room (13), nick changes (14), bookmarks (15), the archive flag (16)
+//! and restart, persistence and admin leave (17). Each test drives `Host` with the events
+//! Prosody produces and asserts the exact actions, and the `persist`/`archive` flags.
+//!
+//! Stanzas are written without their namespace (`jabber:client` is added) and with a few
+//! shorthands: `$R` the room, `$O` another room, `$A` the account, `$MUC`, `$MU` (muc#user)
+//! and `$ST` (stanza error) namespaces. Action descriptions shorten the rooms to `R` and `O`
+//! and the account to `A`.
+
+use minidom::Element;
+use minimix::host::{Action, Config, Host, Out, Outcome};
+use minimix::stanza::{self, NS_CLIENT, NS_DELAY, NS_MUC, NS_MUC_USER, NS_STANZAS};
+use minimix::time::format_stamp;
+
+const DOMAIN: &str = "example.com";
+const USER: &str = "alice";
+const ACCOUNT: &str = "alice@example.com";
+const R: &str = "room@conference.example.com";
+const O: &str = "other@conference.example.com";
+/// The clock at the start of every test.
+const T0: i64 = 1_800_000_000;
+
+// ---------------------------------------------------------------------------------------
+// Helpers (in the style of tests/flows.rs)
+
+fn expand(xml: &str) -> String {
+    xml.replace("$R", R)
+        .replace("$O", O)
+        .replace("$A", ACCOUNT)
+        .replace("$MUC", NS_MUC)
+        .replace("$MU", NS_MUC_USER)
+        .replace("$ST", NS_STANZAS)
+}
+
+/// Parse a stanza, adding `jabber:client` (and `attrs`) to its root.
+fn el_with(xml: &str, attrs: &str) -> Element {
+    let xml = expand(xml.trim());
+    let end = xml
+        .find(|c: char| c.is_whitespace() || c == '>' || c == '/')
+        .expect("a root tag");
+    let text = format!("{} xmlns='{NS_CLIENT}'{attrs}{}", &xml[..end], &xml[end..]);
+    text.parse()
+        .unwrap_or_else(|e| panic!("bad test XML {text}: {e:?}"))
+}
+
+fn el(xml: &str) -> Element {
+    el_with(xml, "")
+}
+
+fn short(jid: &str) -> String {
+    jid.replace(R, "R").replace(O, "O").replace(ACCOUNT, "A")
+}
+
+/// A one-line description of a stanza: kind, type, from (or to, for what is sent), id,
+/// show and status, MUC join payload, MUC role and status codes, destroy, error condition,
+/// body, subject, delay stamp.
+fn describe(e: &Element, sent: bool) -> String {
+    let mut d = vec![e.name().to_owned()];
+    if let Some(t) = e.attr("type") {
+        d.push(t.to_owned());
+    }
+    let addr = if sent { "to" } else { "from" };
+    if let Some(a) = e.attr(addr) {
+        d.push(format!("{addr}={}", short(a)));
+    }
+    if let Some(id) = e.attr("id") {
+        d.push(format!("id={id}"));
+    }
+    if let Some(show) = e.get_child("show", NS_CLIENT) {
+        d.push(format!("show={}", show.text()));
+    }
+    if let Some(st) = e.get_child("status", NS_CLIENT) {
+        d.push(format!("status={}", st.text()));
+    }
+    if let Some(x) = e.get_child("x", NS_MUC) {
+        d.push("muc".to_owned());
+        if let Some(h) = x.get_child("history", NS_MUC) {
+            let attrs: Vec<String> = ["maxstanzas", "maxchars", "seconds", "since"]
+                .iter()
+                .filter_map(|k| h.attr(*k).map(|v| format!("{k}={v}")))
+                .collect();
+            d.push(format!("history[{}]", attrs.join(",")));
+        }
+        if let Some(p) = x.get_child("password", NS_MUC) {
+            d.push(format!("password={}", p.text()));
+        }
+    }
+    if let Some(role) = stanza::muc_item(e).and_then(|i| i.attr("role")) {
+        d.push(format!("role={role}"));
+    }
+    if let Some(nick) = stanza::muc_item(e).and_then(|i| i.attr("nick")) {
+        d.push(format!("nick={nick}"));
+    }
+    let codes = stanza::status_codes(e);
+    if !codes.is_empty() {
+        let codes: Vec<String> = codes.iter().map(u16::to_string).collect();
+        d.push(codes.join(","));
+    }
+    if e.get_child("x", NS_MUC_USER)
+        .is_some_and(|x| x.has_child("destroy", NS_MUC_USER))
+    {
+        d.push("destroy".to_owned());
+    }
+    if let Some(c) = stanza::error_condition(e) {
+        d.push(format!("err={c}"));
+    }
+    if let Some(b) = e.get_child("body", NS_CLIENT) {
+        d.push(format!("body={}", b.text()));
+    }
+    if let Some(s) = e.get_child("subject", NS_CLIENT) {
+        d.push(format!("subject={}", s.text()));
+    }
+    if let Some(delay) = e.get_child("delay", NS_DELAY) {
+        d.push(format!("delay={}", delay.attr("stamp").unwrap_or("?")));
+    }
+    d.join(" ")
+}
+
+/// One event's outcome, with every action turned into the stanza that leaves.
+#[derive(Debug)]
+struct Seen {
+    handled: bool,
+    user: Option<String>,
+    persist: bool,
+    archive: bool,
+    notes: Vec<String>,
+    /// `"<resource> <- <stanza>"` for a delivery, `"send <stanza>"` for the account.
+    acts: Vec<String>,
+    /// The stanzas as they leave: `Some(resource)` delivered, `None` sent by the account.
+    stanzas: Vec<(Option<String>, Element)>,
+}
+
+impl Seen {
+    fn of(o: &Outcome, incoming: &Element) -> Seen {
+        let mut seen = Seen {
+            handled: o.handled,
+            user: o.user.clone(),
+            persist: o.persist,
+            archive: o.archive,
+            notes: o.notes.clone(),
+            acts: Vec::new(),
+            stanzas: Vec::new(),
+        };
+        for a in &o.actions {
+            let (resource, out) = match a {
+                Action::Deliver { resource, stanza } => (Some(resource.to_string()), stanza),
+                Action::Send { stanza } => (None, stanza),
+            };
+            let mut e = match out {
+                Out::Original { id } => {
+                    let mut e = incoming.clone();
+                    if let Some(id) = id {
+                        stanza::set_attr(&mut e, "id", id);
+                    }
+                    e
+                }
+                made => made.to_element().expect("a kept stanza parses"),
+            };
+            match &resource {
+                Some(r) => {
+                    stanza::set_attr(&mut e, "to", &format!("{ACCOUNT}/{r}"));
+                    seen.acts.push(format!("{r} <- {}", describe(&e, false)));
+                }
+                None => {
+                    stanza::set_attr(&mut e, "from", ACCOUNT);
+                    seen.acts.push(format!("send {}", describe(&e, true)));
+                }
+            }
+            seen.stanzas.push((resource, e));
+        }
+        seen
+    }
+
+    /// (resource, description) of each delivery, in order.
+    fn delivered(&self) -> Vec<String> {
+        self.acts
+            .iter()
+            .filter(|a| !a.starts_with("send "))
+            .cloned()
+            .collect()
+    }
+
+    fn sent(&self) -> Vec<&Element> {
+        self.stanzas
+            .iter()
+            .filter(|(r, _)| r.is_none())
+            .map(|(_, e)| e)
+            .collect()
+    }
+
+    /// Handled for alice, with nothing delivered and nothing sent.
+    fn swallowed(&self) -> bool {
+        self.handled && self.user.as_deref() == Some(USER) && self.acts.is_empty()
+    }
+
+    /// Not handled, no actions, nothing to store: as if the module were not loaded.
+    fn passed(&self) -> bool {
+        !self.handled && self.acts.is_empty() && !self.persist && !self.archive
+    }
+}
+
+struct World {
+    host: Host,
+    now: i64,
+    /// What the room was last told of alice's presence in R: `show/status` of the last
+    /// available presence the account sent to R (join or update).
+    room_sees: Option<String>,
+}
+
+impl World {
+    fn new() -> World {
+        World {
+            host: Host::new(DOMAIN, Config::default()),
+            now: T0,
+            room_sees: None,
+        }
+    }
+
+    fn track(&mut self, seen: Seen) -> Seen {
+        for e in seen.sent() {
+            let to_r = e
+                .attr("to")
+                .is_some_and(|t| t.starts_with(&format!("{R}/")));
+            if e.name() == "presence" && e.attr("type").is_none() && to_r {
+                let show = e.get_child("show", NS_CLIENT).map(Element::text);
+                let status = e.get_child("status", NS_CLIENT).map(Element::text);
+                self.room_sees = Some(format!(
+                    "{}/{}",
+                    show.as_deref().unwrap_or("available"),
+                    status.as_deref().unwrap_or("")
+                ));
+            }
+        }
+        seen
+    }
+
+    /// alice/`resource` sends a stanza (`from` set as Prosody sets it).
+    fn session(&mut self, resource: &str, xml: &str) -> Seen {
+        let e = el_with(xml, &format!(" from='{ACCOUNT}/{resource}'"));
+        let o = self.host.session_stanza(USER, resource, &e, self.now);
+        let seen = Seen::of(&o, &e);
+        self.track(seen)
+    }
+
+    /// alice/`resource` sends a presence update to R/`nick` (no MUC payload).
+    fn show(&mut self, resource: &str, nick: &str, show: &str, status: &str) -> Seen {
+        let xml = format!(
+            "<presence to='$R/{nick}'>{}</presence>",
+            payload(show, status)
+        );
+        self.session(resource, &xml)
+    }
+
+    /// alice/`resource` sends its broadcast presence (no `to`).
+    fn broadcast(&mut self, resource: &str, show: &str, status: &str) -> Seen {
+        self.session(
+            resource,
+            &format!("<presence>{}</presence>", payload(show, status)),
+        )
+    }
+
+    /// A stanza arrives for the account's bare JID.
+    fn room(&mut self, xml: &str) -> Seen {
+        let e = el(&xml.replacen(' ', &format!(" to='{ACCOUNT}' "), 1));
+        let o = self.host.room_stanza(&e, self.now);
+        // The room's answers can make the account's presence go out (a join completing).
+        let seen = Seen::of(&o, &e);
+        self.track(seen)
+    }
+
+    fn end(&mut self, resource: &str) -> Seen {
+        let o = self.host.session_ended(USER, resource);
+        let seen = Seen::of(&o, &el("<presence/>"));
+        self.track(seen)
+    }
+
+    fn bookmark(&mut self, nick: Option<&str>, password: Option<&str>, autojoin: bool) -> Seen {
+        let o = self.host.bookmark(USER, R, nick, password, autojoin);
+        let seen = Seen::of(&o, &el("<presence/>"));
+        self.track(seen)
+    }
+
+    fn restore(&mut self, room: &str, nick: &str, password: Option<&str>) -> Seen {
+        let o = self.host.restore(USER, room, nick, password);
+        let seen = Seen::of(&o, &el("<presence/>"));
+        self.track(seen)
+    }
+
+    fn leave(&mut self, room: &str, why: &str) -> Seen {
+        let o = self.host.leave(USER, room, why);
+        Seen::of(&o, &el("<presence/>"))
+    }
+
+    fn members(&self) -> Vec<(String, String, Vec<String>)> {
+        self.host.memberships_of(USER)
+    }
+
+    fn persisted(&self) -> Vec<(String, String, Option<String>)> {
+        self.host.persisted(USER)
+    }
+}
+
+fn payload(show: &str, status: &str) -> String {
+    let mut p = String::new();
+    if !show.is_empty() {
+        p.push_str(&format!("<show>{show}</show>"));
+    }
+    if !status.is_empty() {
+        p.push_str(&format!("<status>{status}</status>"));
+    }
+    p
+}
+
+fn membership(nick: &str, sessions: &[&str]) -> Vec<(String, String, Vec<String>)> {
+    vec![(
+        R.to_owned(),
+        nick.to_owned(),
+        sessions.iter().map(|s| s.to_string()).collect(),
+    )]
+}
+
+fn stored(room: &str, nick: &str, password: Option<&str>) -> (String, String, Option<String>) {
+    (
+        room.to_owned(),
+        nick.to_owned(),
+        password.map(str::to_owned),
+    )
+}
+
+fn join(nick: &str, history: &str) -> String {
+    format!("<presence to='$R/{nick}' id='join-{nick}'><x xmlns='$MUC'>{history}</x></presence>")
+}
+
+/// A join to R/`nick` carrying the session's show and status.
+fn join_showing(nick: &str, show: &str, status: &str) -> String {
+    format!(
+        "<presence to='$R/{nick}' id='join-{nick}'><x xmlns='$MUC'/>{}</presence>",
+        payload(show, status)
+    )
+}
+
+fn occupant(nick: &str) -> String {
+    format!(
+        "<presence from='$R/{nick}'><x xmlns='$MU'><item affiliation='member' role='participant'/></x></presence>"
+    )
+}
+
+fn self_presence_in(room: &str, nick: &str, codes: &[u16]) -> String {
+    let codes: String = codes
+        .iter()
+        .map(|c| format!("<status code='{c}'/>"))
+        .collect();
+    format!(
+        "<presence from='{room}/{nick}'><x xmlns='$MU'><item affiliation='member' role='participant'/>{codes}</x></presence>"
+    )
+}
+
+fn self_presence(nick: &str, codes: &[u16]) -> String {
+    self_presence_in("$R", nick, codes)
+}
+
+fn self_left(nick: &str) -> String {
+    format!(
+        "<presence type='unavailable' from='$R/{nick}'><x xmlns='$MU'><item affiliation='member' role='none'/><status code='110'/></x></presence>"
+    )
+}
+
+/// The room removes alice: `extra` is what muc#user carries besides the item and 110.
+fn removed(nick: &str, extra: &str) -> String {
+    format!(
+        "<presence type='unavailable' from='$R/{nick}'><x xmlns='$MU'><item affiliation='none' role='none'/><status code='110'/>{extra}</x></presence>"
+    )
+}
+
+fn groupchat(nick: &str, body: &str) -> String {
+    format!("<message type='groupchat' from='$R/{nick}' id='{body}'><body>{body}</body></message>")
+}
+
+fn room_history(nick: &str, body: &str, stamp: i64) -> String {
+    format!(
+        "<message type='groupchat' from='$R/{nick}' id='{body}'><body>{body}</body><delay xmlns='urn:xmpp:delay' from='$R' stamp='{}'/></message>",
+        format_stamp(stamp)
+    )
+}
+
+fn subject(text: &str) -> String {
+    format!("<message type='groupchat' from='$R/bob' id='subj'><subject>{text}</subject></message>")
+}
+
+/// alice joined R as "Al" from phone: bob and carol are in the room, one message of
+/// history (stamped an hour ago) and the subject "Topic" arrived.
+fn joined() -> World {
+    let mut w = World::new();
+    assert_eq!(
+        w.session("phone", &join("Al", "")).acts,
+        ["send presence to=R/Al id=join-Al muc"]
+    );
+    w.room(&occupant("bob"));
+    w.room(&occupant("carol"));
+    w.room(&self_presence("Al", &[100, 110]));
+    w.room(&room_history("bob", "old", T0 - 3600));
+    w.room(&subject("Topic"));
+    assert_eq!(w.members(), membership("Al", &["phone"]));
+    assert_eq!(w.room_sees.as_deref(), Some("available/"));
+    w
+}
+
+/// `joined()` with laptop joined too (served locally, nothing sent).
+fn joined_twice() -> World {
+    let mut w = joined();
+    let s = w.session("laptop", &join("Al", ""));
+    assert_eq!(s.delivered().len(), 5);
+    assert!(s.sent().is_empty());
+    assert_eq!(w.members(), membership("Al", &["phone", "laptop"]));
+    w
+}
+
+/// What a session that joins R served locally gets, for `joined()`, its own presence
+/// carrying `own_codes`.
+fn served(resource: &str, nick: &str, own_codes: &str) -> Vec<String> {
+    vec![
+        format!("{resource} <- presence from=R/bob role=participant"),
+        format!("{resource} <- presence from=R/carol role=participant"),
+        format!("{resource} <- presence from=R/{nick} role=participant {own_codes}"),
+        format!(
+            "{resource} <- message groupchat from=R/bob id=old body=old delay={}",
+            format_stamp(T0 - 3600)
+        ),
+        format!("{resource} <- message groupchat from=R/bob id=subj subject=Topic"),
+    ]
+}
+
+/// No element anywhere under `e` is in a MUC namespace.
+fn has_no_muc_payload(e: &Element) -> bool {
+    e.children()
+        .all(|c| c.ns() != NS_MUC && c.ns() != NS_MUC_USER)
+}
+
+// ---------------------------------------------------------------------------------------
+// Flow 8: one presence per account in the room
+
+#[test]
+fn presence_updates_reach_the_room_only_when_the_aggregate_changes() {
+    let mut w = joined_twice();
+    // phone goes away while laptop stays available: the room still shows available.
+    let s = w.show("phone", "Al", "away", "");
+    assert!(s.swallowed(), "{:?}", s.acts);
+    assert!(!s.persist && !s.archive);
+    // laptop goes dnd: phone (away) is now the most available.
+    let s = w.show("laptop", "Al", "dnd", "");
+    assert!(s.handled);
+    assert_eq!(s.acts, ["send presence to=R/Al show=away"]);
+    let update = s.sent()[0];
+    assert!(has_no_muc_payload(update), "{}", String::from(update));
+    assert_eq!(update.attr("type"), None);
+    assert!(!s.persist);
+    // laptop goes xa: still below away.
+    assert!(w.show("laptop", "Al", "xa", "").swallowed());
+    // phone goes dnd: laptop's xa is the best now.
+    let s = w.show("phone", "Al", "dnd", "");
+    assert_eq!(s.acts, ["send presence to=R/Al show=xa"]);
+    // The same presence again changes nothing.
+    assert!(w.show("phone", "Al", "dnd", "").swallowed());
+    assert!(w.show("laptop", "Al", "xa", "").swallowed());
+    // A status text is part of what the room shows.
+    let s = w.show("laptop", "Al", "xa", "gone fishing");
+    assert_eq!(
+        s.acts,
+        ["send presence to=R/Al show=xa status=gone fishing"]
+    );
+    assert_eq!(w.room_sees.as_deref(), Some("xa/gone fishing"));
+    assert_eq!(w.members(), membership("Al", &["phone", "laptop"]));
+}
+
+#[test]
+fn the_most_available_session_wins_chat_available_away_xa_dnd() {
+    let order = ["chat", "", "away", "xa", "dnd"];
+    for (i, better) in order.iter().enumerate() {
+        for worse in &order[i + 1..] {
+            // Whichever session set its presence last, the better one is shown.
+            for (first, second) in [(better, worse), (worse, better)] {
+                let mut w = joined_twice();
+                w.show("phone", "Al", first, "phone");
+                w.show("laptop", "Al", second, "laptop");
+                let expected = if better.is_empty() {
+                    "available"
+                } else {
+                    better
+                };
+                let who = if first == better { "phone" } else { "laptop" };
+                assert_eq!(
+                    w.room_sees,
+                    Some(format!("{expected}/{who}")),
+                    "phone {first:?} then laptop {second:?}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn ties_go_to_the_latest_session() {
+    let mut w = joined_twice();
+    let s = w.show("phone", "Al", "chat", "phone");
+    assert_eq!(s.acts, ["send presence to=R/Al show=chat status=phone"]);
+    let s = w.show("laptop", "Al", "chat", "laptop");
+    assert_eq!(s.acts, ["send presence to=R/Al show=chat status=laptop"]);
+    let s = w.show("phone", "Al", "chat", "phone");
+    assert_eq!(s.acts, ["send presence to=R/Al show=chat status=phone"]);
+    // Tie on a plain "available" too.
+    let s = w.show("laptop", "Al", "", "");
+    assert!(s.swallowed(), "chat beats available: {:?}", s.acts);
+    let s = w.show("phone", "Al", "", "back");
+    assert_eq!(s.acts, ["send presence to=R/Al status=back"]);
+    let s = w.show("laptop", "Al", "", "");
+    assert_eq!(s.acts, ["send presence to=R/Al"]);
+    assert!(has_no_muc_payload(s.sent()[0]));
+}
+
+#[test]
+fn broadcast_presence_counts_in_every_room_the_session_joined() {
+    let mut w = joined_twice();
+    // phone is also alone in O.
+    let s = w.session(
+        "phone",
+        &format!("<presence to='{O}/Al' id='j2'><x xmlns='$MUC'/></presence>"),
+    );
+    assert_eq!(s.acts, ["send presence to=O/Al id=j2 muc"]);
+    w.room(&self_presence_in(O, "Al", &[110]));
+
+    // phone goes away for everyone: R keeps showing laptop; O learns it. Prosody goes on
+    // with its own broadcast (not handled), the actions are carried out all the same.
+    let s = w.broadcast("phone", "away", "");
+    assert!(!s.handled);
+    assert_eq!(s.user.as_deref(), Some(USER));
+    assert_eq!(s.acts, ["send presence to=O/Al show=away"]);
+    assert!(has_no_muc_payload(s.sent()[0]));
+    assert!(!s.persist);
+    // laptop (in R only) goes xa: R now shows phone's away.
+    let s = w.broadcast("laptop", "xa", "");
+    assert!(!s.handled);
+    assert_eq!(s.acts, ["send presence to=R/Al show=away"]);
+    // phone goes offline for everyone (no session_ended yet): R shows laptop's xa; O is
+    // left alone (no session of alice shows a presence there any more).
+    let s = w.session("phone", "<presence type='unavailable'/>");
+    assert!(!s.handled);
+    assert_eq!(s.acts, ["send presence to=R/Al show=xa"]);
+    // A session that joined nothing, or a broadcast that is not a presence change.
+    assert!(w.broadcast("tablet", "dnd", "").passed());
+    assert!(
+        w.session("laptop", "<presence type='probe'/>")
+            .acts
+            .is_empty()
+    );
+    let mut fresh = World::new();
+    assert!(fresh.broadcast("phone", "away", "").passed());
+}
+
+#[test]
+fn a_later_join_updates_the_room_only_when_it_is_more_available() {
+    let mut w = joined();
+    // Alone, phone's change is the aggregate's.
+    let s = w.show("phone", "Al", "away", "");
+    assert_eq!(s.acts, ["send presence to=R/Al show=away"]);
+    // laptop joins less available: served locally, nothing for the room.
+    let s = w.session("laptop", &join_showing("Al", "xa", ""));
+    assert_eq!(s.acts, served("laptop", "Al", "100,110"));
+    // tablet joins more available: served locally, then the room learns it.
+    let s = w.session("tablet", &join_showing("Al", "chat", ""));
+    let mut expected = served("tablet", "Al", "100,110");
+    expected.push("send presence to=R/Al show=chat".to_owned());
+    assert_eq!(s.acts, expected);
+    assert!(has_no_muc_payload(s.sent()[0]));
+    assert_eq!(
+        w.members(),
+        membership("Al", &["phone", "laptop", "tablet"])
+    );
+    assert!(!s.persist);
+}
+
+#[test]
+fn leaving_or_ending_the_most_available_session_updates_the_room() {
+    let mut w = joined_twice();
+    assert_eq!(
+        w.show("phone", "Al", "chat", "").acts,
+        ["send presence to=R/Al show=chat"]
+    );
+    assert!(w.show("laptop", "Al", "away", "").swallowed());
+    // phone leaves, laptop stays: phone gets the local answer, the room laptop's away.
+    let s = w.session("phone", "<presence type='unavailable' to='$R/Al' id='l1'/>");
+    assert_eq!(
+        s.acts,
+        [
+            "phone <- presence unavailable from=R/Al role=none 110",
+            "send presence to=R/Al show=away",
+        ]
+    );
+    assert!(!s.persist);
+    // phone comes back in chat, then its session ends without leaving.
+    let s = w.session("phone", &join_showing("Al", "chat", ""));
+    assert_eq!(s.acts.last().unwrap(), "send presence to=R/Al show=chat");
+    let s = w.end("phone");
+    assert!(!s.handled);
+    assert_eq!(s.acts, ["send presence to=R/Al show=away"]);
+    assert!(!s.persist);
+    assert_eq!(w.members(), membership("Al", &["laptop"]));
+    // A session whose end changes nothing (it was not the best) sends nothing.
+    w.session("tablet", &join_showing("Al", "xa", ""));
+    assert!(w.end("tablet").acts.is_empty());
+    // The last session ends: the account stays, showing what it showed.
+    let s = w.end("laptop");
+    assert!(s.acts.is_empty());
+    assert!(!s.persist);
+    assert_eq!(w.members(), membership("Al", &[]));
+    assert_eq!(w.room_sees.as_deref(), Some("away/"));
+}
+
+/// SPEC flow 8: the room shows the most available joined session's presence. A presence
+/// change made while the account's join is in flight must reach the room once joined.
+#[test]
+
+fn presence_changed_while_joining_reaches_the_room_once_joined() {
+    let mut w = World::new();
+    w.session("phone", &join("Al", ""));
+    let s = w.broadcast("phone", "away", "");
+    assert!(s.acts.is_empty(), "nothing for a room not joined yet");
+    let s = w.room(&self_presence("Al", &[110]));
+    assert_eq!(
+        s.delivered(),
+        ["phone <- presence from=R/Al role=participant 110"]
+    );
+    assert_eq!(w.room_sees.as_deref(), Some("away/"));
+
+    // Same with a second session joining, more available, during the join.
+    let mut w = World::new();
+    w.session("phone", &join_showing("Al", "away", ""));
+    w.session("laptop", &join_showing("Al", "chat", ""));
+    w.room(&self_presence("Al", &[110]));
+    assert_eq!(w.room_sees.as_deref(), Some("chat/"));
+}
+
+// ---------------------------------------------------------------------------------------
+// Flow 13: removed from the room
+
+#[test]
+fn removal_reaches_every_joined_session_and_forgets_the_membership() {
+    let cases = [
+        ("kick", "<status code='307'/>", "110,307"),
+        ("ban", "<status code='301'/>", "110,301"),
+        ("affiliation", "<status code='321'/>", "110,321"),
+        ("members-only", "<status code='322'/>", "110,322"),
+        ("shutdown", "<status code='332'/>", "110,332"),
+        ("error kick", "<status code='333'/>", "110,333"),
+        (
+            "destroyed",
+            "<destroy jid='new@conference.example.com'><reason>moved</reason></destroy>",
+            "110 destroy",
+        ),
+    ];
+    for (what, extra, described) in cases {
+        let mut w = joined_twice();
+        // tablet is joined elsewhere only; it hears nothing of R.
+        w.session(
+            "tablet",
+            &format!("<presence to='{O}/Al'><x xmlns='$MUC'/></presence>"),
+        );
+        w.room(&self_presence_in(O, "Al", &[110]));
+        assert_eq!(w.persisted().len(), 2);
+
+        let s = w.room(&removed("Al", extra));
+        let line = format!("presence unavailable from=R/Al role=none {described}");
+        assert!(s.handled, "{what}");
+        assert_eq!(
+            s.acts,
+            [format!("phone <- {line}"), format!("laptop <- {line}")],
+            "{what}"
+        );
+        assert!(s.persist, "{what}");
+        assert!(!s.archive, "{what}");
+        assert!(!s.notes.is_empty(), "{what}");
+        assert_eq!(
+            w.members(),
+            vec![(O.to_owned(), "Al".to_owned(), vec!["tablet".to_owned()])],
+            "{what}"
+        );
+        assert_eq!(w.persisted(), [stored(O, "Al", None)], "{what}");
+
+        // Nobody rejoins: no session's activity brings the account back on its own.
+        assert!(w.room(&groupchat("bob", "x")).passed(), "{what}");
+        assert!(w.end("phone").acts.is_empty(), "{what}");
+        assert!(w.broadcast("laptop", "away", "").acts.is_empty(), "{what}");
+        assert!(w.bookmark(None, None, false).passed(), "{what}");
+        // A join afterwards starts afresh, from the account.
+        let mut w2 = joined();
+        w2.room(&removed("Al", extra));
+        let s = w2.session("phone", &join("Al", ""));
+        assert_eq!(s.acts, ["send presence to=R/Al id=join-Al muc"], "{what}");
+    }
+}
+
+#[test]
+fn removal_with_no_session_online_drops_the_membership_silently() {
+    let mut w = joined();
+    w.end("phone");
+    assert_eq!(w.members(), membership("Al", &[]));
+    let s = w.room(&removed("Al", "<status code='307'/>"));
+    assert!(s.swallowed());
+    assert!(s.persist);
+    assert!(w.members().is_empty());
+    assert!(w.persisted().is_empty());
+    let st = w.host.stats();
+    assert_eq!((st.accounts, st.memberships), (0, 0));
+    // A restored membership removed while the restart join is answered: same.
+    let mut w = World::new();
+    w.restore(R, "Al", None);
+    let s = w.room(&removed("Al", "<status code='301'/>"));
+    assert!(s.swallowed());
+    assert!(s.persist);
+    assert!(w.persisted().is_empty());
+}
+
+// ---------------------------------------------------------------------------------------
+// Flow 14: nick change
+
+#[test]
+fn nick_change_goes_out_from_the_account_and_the_new_nick_sticks() {
+    let mut w = joined_twice();
+    let s = w.session("phone", "<presence to='$R/Alice' id='n1'/>");
+    assert!(s.handled);
+    assert_eq!(s.acts, ["send presence to=R/Alice id=n1"]);
+    assert!(has_no_muc_payload(s.sent()[0]));
+    assert_eq!(s.sent()[0].attr("from"), Some(ACCOUNT));
+
+    // The room: 303 for the old nick, then the new self-presence; both reach everyone.
+    let s = w.room("<presence type='unavailable' from='$R/Al'><x xmlns='$MU'><item affiliation='member' role='participant' nick='Alice'/><status code='303'/><status code='110'/></x></presence>");
+    let line = "presence unavailable from=R/Al role=participant nick=Alice 303,110";
+    assert_eq!(
+        s.acts,
+        [format!("phone <- {line}"), format!("laptop <- {line}")]
+    );
+    assert!(s.persist);
+    assert_eq!(w.persisted(), [stored(R, "Alice", None)]);
+    let s = w.room(&self_presence("Alice", &[110]));
+    assert_eq!(
+        s.acts,
+        [
+            "phone <- presence from=R/Alice role=participant 110",
+            "laptop <- presence from=R/Alice role=participant 110",
+        ]
+    );
+    assert_eq!(w.members(), membership("Alice", &["phone", "laptop"]));
+    assert_eq!(w.persisted(), [stored(R, "Alice", None)]);
+
+    // A later session asking the old nick gets the account's new one, with 210.
+    let s = w.session("tablet", &join("Al", ""));
+    let mut expected = served("tablet", "Alice", "110,210");
+    expected.retain(|l| !l.contains("from=R/Al "));
+    assert_eq!(s.acts, expected);
+    assert_eq!(
+        w.members(),
+        membership("Alice", &["phone", "laptop", "tablet"])
+    );
+    // Presence to the new nick is now an update, not another nick change.
+    assert!(w.show("laptop", "Alice", "away", "").swallowed());
+    // The old nick is what would be a nick change now.
+    let s = w.show("laptop", "Al", "", "");
+    assert_eq!(s.acts, ["send presence to=R/Al"]);
+}
+
+#[test]
+fn nick_conflict_goes_only_to_the_asking_session() {
+    let mut w = joined_twice();
+    let s = w.session("laptop", "<presence to='$R/bob' id='n1'/>");
+    assert_eq!(s.acts, ["send presence to=R/bob id=n1"]);
+    let s = w.room("<presence type='error' from='$R/bob' id='n1'><error type='cancel' by='$R'><conflict xmlns='$ST'/></error></presence>");
+    assert_eq!(
+        s.acts,
+        ["laptop <- presence error from=R/bob id=n1 err=conflict"]
+    );
+    assert!(!s.persist);
+    assert_eq!(w.members(), membership("Al", &["phone", "laptop"]));
+    assert_eq!(w.persisted(), [stored(R, "Al", None)]);
+    // Room traffic still reaches both, under the old nick.
+    assert_eq!(w.room(&groupchat("bob", "hi")).delivered().len(), 2);
+    let s = w.session("tablet", &join("Al", ""));
+    let mut expected = served("tablet", "Al", "100,110");
+    expected.insert(
+        4,
+        format!(
+            "tablet <- message groupchat from=R/bob id=hi body=hi delay={}",
+            format_stamp(T0)
+        ),
+    );
+    assert_eq!(s.acts, expected);
+}
+
+/// SPEC flow 8 with flow 14: a nick change carries the asking session's presence to the
+/// room; once the change is done the room must show the aggregate again.
+#[test]
+
+fn nick_change_presence_does_not_override_the_aggregate() {
+    let mut w = joined_twice();
+    assert!(w.show("phone", "Al", "away", "").swallowed());
+    w.show("phone", "Alice", "away", "");
+    w.room("<presence type='unavailable' from='$R/Al'><x xmlns='$MU'><item affiliation='member' role='participant' nick='Alice'/><status code='303'/><status code='110'/></x></presence>");
+    let s = w.room(&self_presence("Alice", &[110]));
+    assert_eq!(s.delivered().len(), 2);
+    assert_eq!(w.members(), membership("Alice", &["phone", "laptop"]));
+    // laptop is still available: that is what the room must end up showing.
+    assert_eq!(w.room_sees.as_deref(), Some("available/"));
+}
+
+/// SPEC flow 14: a 409 goes to the asking session only. When that session ended before
+/// the room answered, nobody should get it (a presence error from R/… tells other clients
+/// their own join failed).
+#[test]
+
+fn nick_conflict_for_an_ended_session_reaches_nobody() {
+    let mut w = joined_twice();
+    w.session("laptop", "<presence to='$R/bob' id='n1'/>");
+    w.end("laptop");
+    let s = w.room("<presence type='error' from='$R/bob' id='n1'><error type='cancel' by='$R'><conflict xmlns='$ST'/></error></presence>");
+    assert!(s.swallowed(), "{:?}", s.acts);
+    assert_eq!(w.members(), membership("Al", &["phone"]));
+}
+
+// ---------------------------------------------------------------------------------------
+// Flow 15: bookmarks
+
+#[test]
+fn bookmark_with_autojoin_joins_from_the_account_with_no_session() {
+    let mut w = World::new();
+    let s = w.bookmark(Some("Al"), Some("secret"), true);
+    assert!(s.handled);
+    assert_eq!(s.user.as_deref(), Some(USER));
+    assert!(s.persist);
+    assert!(!s.notes.is_empty());
+    assert_eq!(
+        s.acts,
+        ["send presence to=R/Al muc history[maxstanzas=0] password=secret"]
+    );
+    assert_eq!(s.sent()[0].attr("type"), None);
+    assert_eq!(w.members(), membership("Al", &[]));
+    assert_eq!(w.persisted(), [stored(R, "Al", Some("secret"))]);
+
+    // The room's answer is handled and kept, delivered to nobody.
+    assert!(w.room(&occupant("bob")).swallowed());
+    assert!(w.room(&occupant("carol")).swallowed());
+    let s = w.room(&self_presence("Al", &[100, 110]));
+    assert!(s.swallowed());
+    assert!(s.persist);
+    assert!(w.room(&room_history("bob", "old", T0 - 3600)).swallowed());
+    assert!(w.room(&subject("Topic")).swallowed());
+    assert_eq!(w.members(), membership("Al", &[]));
+
+    // A session joining later is served locally.
+    let s = w.session("phone", &join_showing("Al", "", "on the phone"));
+    assert_eq!(s.delivered(), served("phone", "Al", "100,110"));
+    assert_eq!(s.acts.len(), 6);
+    assert_eq!(
+        s.acts.last().unwrap(),
+        "send presence to=R/Al status=on the phone"
+    );
+    assert_eq!(w.members(), membership("Al", &["phone"]));
+    assert_eq!(w.host.stats().joins_served_locally, 1);
+}
+
+#[test]
+fn bookmark_without_a_nick_uses_the_username_and_no_password() {
+    let mut w = World::new();
+    let s = w.bookmark(None, None, true);
+    assert_eq!(
+        s.acts,
+        ["send presence to=R/alice muc history[maxstanzas=0]"]
+    );
+    let x = s.sent()[0].get_child("x", NS_MUC).unwrap();
+    assert!(!x.has_child("password", NS_MUC));
+    assert_eq!(w.members(), membership("alice", &[]));
+    assert_eq!(w.persisted(), [stored(R, "alice", None)]);
+}
+
+#[test]
+fn bookmark_for_a_room_already_joined_or_joining_does_nothing() {
+    let mut w = joined();
+    let s = w.bookmark(Some("Other"), Some("pw"), true);
+    assert!(s.passed(), "{:?}", s.acts);
+    assert_eq!(w.members(), membership("Al", &["phone"]));
+    assert_eq!(w.persisted(), [stored(R, "Al", None)]);
+
+    let mut w = World::new();
+    w.session("phone", &join("Al", ""));
+    assert!(w.bookmark(Some("Al"), None, true).passed());
+    let mut w = World::new();
+    w.bookmark(Some("Al"), None, true);
+    assert!(w.bookmark(Some("Al"), None, true).passed());
+    // A bookmark without autojoin for a room alice is not in: nothing either.
+    let mut w = World::new();
+    assert!(w.bookmark(Some("Al"), None, false).passed());
+    assert_eq!(w.host.stats().accounts, 0);
+}
+
+#[test]
+fn bookmark_retraction_leaves_and_every_joined_session_gets_the_answer() {
+    let mut w = joined_twice();
+    let s = w.bookmark(None, None, false);
+    assert!(s.handled);
+    assert!(s.persist);
+    assert_eq!(s.acts, ["send presence unavailable to=R/Al"]);
+    assert_eq!(s.sent()[0].attr("from"), Some(ACCOUNT));
+    assert!(w.persisted().is_empty());
+    // What the room sends meanwhile goes nowhere.
+    assert!(w.room(&groupchat("bob", "late")).swallowed());
+    assert!(!w.room(&groupchat("bob", "late2")).archive);
+    let s = w.room(&self_left("Al"));
+    assert_eq!(
+        s.acts,
+        [
+            "phone <- presence unavailable from=R/Al role=none 110",
+            "laptop <- presence unavailable from=R/Al role=none 110",
+        ]
+    );
+    assert!(s.persist);
+    assert!(w.members().is_empty());
+    assert!(w.room(&groupchat("bob", "gone")).passed());
+    // A second retraction: nothing.
+    assert!(w.bookmark(None, None, false).passed());
+}
+
+#[test]
+fn bookmark_retracted_while_its_join_is_in_flight_leaves() {
+    let mut w = World::new();
+    w.bookmark(Some("Al"), None, true);
+    let s = w.bookmark(Some("Al"), None, false);
+    assert_eq!(s.acts, ["send presence unavailable to=R/Al"]);
+    assert!(s.persist);
+    assert!(w.persisted().is_empty());
+    assert!(w.room(&occupant("bob")).swallowed());
+    assert!(w.room(&self_presence("Al", &[110])).swallowed());
+    assert!(w.room(&self_left("Al")).swallowed());
+    assert!(w.members().is_empty());
+    assert_eq!(w.host.stats().accounts, 0);
+}
+
+// ---------------------------------------------------------------------------------------
+// Flow 17: persistence, restart, admin leave
+
+#[test]
+fn persisted_lists_joined_and_joining_rooms_with_nick_and_password() {
+    let mut w = World::new();
+    assert!(w.persisted().is_empty());
+    let s = w.session(
+        "phone",
+        "<presence to='$R/Al'><x xmlns='$MUC'><password>pw</password></x></presence>",
+    );
+    assert!(s.persist);
+    assert_eq!(w.persisted(), [stored(R, "Al", Some("pw"))]);
+    let s = w.room(&self_presence("Al", &[110]));
+    assert!(s.persist);
+    let s = w.session(
+        "phone",
+        &format!("<presence to='{O}/Ali'><x xmlns='$MUC'/></presence>"),
+    );
+    assert!(s.persist);
+    assert_eq!(
+        w.persisted(),
+        [stored(O, "Ali", None), stored(R, "Al", Some("pw"))]
+    );
+    // Plain traffic and later joins change nothing to store.
+    assert!(!w.room(&groupchat("bob", "x")).persist);
+    assert!(!w.session("laptop", &join("Al", "")).persist);
+    assert!(!w.end("laptop").persist);
+    // The last session leaving R: R is no longer stored, even before the room answers.
+    let s = w.session("phone", "<presence type='unavailable' to='$R/Al'/>");
+    assert!(s.persist);
+    assert_eq!(w.persisted(), [stored(O, "Ali", None)]);
+    // A join error drops what was stored.
+    let s = w.room(&format!(
+        "<presence type='error' from='{O}/Ali'><error type='auth' by='{O}'><not-authorized xmlns='$ST'/></error></presence>"
+    ));
+    assert!(s.persist);
+    assert!(w.persisted().is_empty());
+}
+
+#[test]
+fn restore_rejoins_with_no_history_and_no_session_gets_anything() {
+    let mut w = World::new();
+    let s = w.restore(R, "Al", Some("pw"));
+    assert!(s.handled);
+    assert!(s.persist);
+    assert!(!s.notes.is_empty());
+    assert_eq!(
+        s.acts,
+        ["send presence to=R/Al muc history[maxstanzas=0] password=pw"]
+    );
+    assert_eq!(w.members(), membership("Al", &[]));
+    assert_eq!(w.persisted(), [stored(R, "Al", Some("pw"))]);
+    // Restoring twice does nothing.
+    assert!(w.restore(R, "Al", Some("pw")).passed());
+
+    assert!(w.room(&occupant("bob")).swallowed());
+    assert!(w.room(&occupant("carol")).swallowed());
+    assert!(w.room(&self_presence("Al", &[110])).swallowed());
+    assert!(w.room(&subject("Topic")).swallowed());
+    w.now += 60;
+    let s = w.room(&groupchat("bob", "old"));
+    assert!(s.swallowed());
+    assert!(s.archive);
+    w.now += 60;
+
+    // The first session to join is served locally; the live message comes stamped.
+    let s = w.session("phone", &join_showing("Al", "", "here"));
+    assert_eq!(
+        s.delivered(),
+        [
+            "phone <- presence from=R/bob role=participant",
+            "phone <- presence from=R/carol role=participant",
+            "phone <- presence from=R/Al role=participant 110",
+            &format!(
+                "phone <- message groupchat from=R/bob id=old body=old delay={}",
+                format_stamp(T0 + 60)
+            ),
+            "phone <- message groupchat from=R/bob id=subj subject=Topic",
+        ]
+    );
+    assert_eq!(w.members(), membership("Al", &["phone"]));
+    assert_eq!(w.persisted(), [stored(R, "Al", Some("pw"))]);
+}
+
+#[test]
+fn a_session_joining_while_the_restore_join_is_in_flight_gets_the_rest_as_it_comes() {
+    let mut w = World::new();
+    w.restore(R, "Al", None);
+    assert!(w.room(&occupant("bob")).swallowed());
+    let s = w.session("phone", &join("Al", ""));
+    assert_eq!(s.acts, ["phone <- presence from=R/bob role=participant"]);
+    let s = w.room(&self_presence("Al", &[110]));
+    assert_eq!(s.acts, ["phone <- presence from=R/Al role=participant 110"]);
+    let s = w.room(&subject("Topic"));
+    assert_eq!(
+        s.acts,
+        ["phone <- message groupchat from=R/bob id=subj subject=Topic"]
+    );
+    assert_eq!(w.members(), membership("Al", &["phone"]));
+    assert_eq!(w.room_sees.as_deref(), Some("available/"));
+}
+
+#[test]
+fn restore_of_an_excluded_or_invalid_room_does_nothing() {
+    let mut w = World {
+        host: Host::new(
+            DOMAIN,
+            Config {
+                excluded_hosts: vec!["conference.example.com".to_owned()],
+                ..Config::default()
+            },
+        ),
+        now: T0,
+        room_sees: None,
+    };
+    assert!(w.restore(R, "Al", None).passed());
+    assert!(w.bookmark(Some("Al"), None, true).passed());
+    let mut w = World::new();
+    assert!(w.restore("not a jid@@", "Al", None).passed());
+    assert!(w.persisted().is_empty());
+}
+
+/// SPEC flows 3 and 8: once the account is in the room (here after a restart or from a
+/// bookmark), a later join showing the same presence as the account's own join sends
+/// nothing to the room.
+#[test]
+fn a_plain_join_after_restore_or_bookmark_sends_nothing_to_the_room() {
+    for from_bookmark in [false, true] {
+        let mut w = World::new();
+        if from_bookmark {
+            w.bookmark(Some("Al"), None, true);
+        } else {
+            w.restore(R, "Al", None);
+        }
+        w.room(&self_presence("Al", &[110]));
+        w.room(&subject("Topic"));
+        let s = w.session("phone", &join("Al", ""));
+        assert_eq!(
+            s.acts,
+            [
+                "phone <- presence from=R/Al role=participant 110",
+                "phone <- message groupchat from=R/bob id=subj subject=Topic",
+            ],
+            "bookmark: {from_bookmark}"
+        );
+    }
+}
+
+#[test]
+fn admin_leave_sends_unavailable_and_joined_sessions_get_the_answer() {
+    let mut w = joined_twice();
+    let s = w.leave(R, "asked by the admin");
+    assert!(s.handled);
+    assert!(s.persist);
+    assert!(s.notes.iter().any(|n| n.contains("asked by the admin")));
+    assert_eq!(s.acts, ["send presence unavailable to=R/Al"]);
+    assert!(w.persisted().is_empty());
+    // A second leave while the first is answered does nothing.
+    assert!(w.leave(R, "again").passed());
+    let s = w.room(&self_left("Al"));
+    assert_eq!(
+        s.acts,
+        [
+            "phone <- presence unavailable from=R/Al role=none 110",
+            "laptop <- presence unavailable from=R/Al role=none 110",
+        ]
+    );
+    assert!(s.persist);
+    assert!(w.members().is_empty());
+    // Leaving a room alice is not in does nothing.
+    assert!(w.leave(R, "again").passed());
+    assert!(w.leave(O, "never joined").passed());
+
+    // With no session online, the room's answer goes nowhere.
+    let mut w = World::new();
+    w.restore(R, "Al", None);
+    w.room(&self_presence("Al", &[110]));
+    assert_eq!(
+        w.leave(R, "admin").acts,
+        ["send presence unavailable to=R/Al"]
+    );
+    assert!(w.room(&self_left("Al")).swallowed());
+    assert!(w.members().is_empty());
+}
+
+// ---------------------------------------------------------------------------------------
+// Flow 16: which stanzas are for the account's archive
+
+#[test]
+fn only_live_groupchat_messages_from_a_joined_room_are_archived() {
+    let mut w = World::new();
+    w.session("phone", &join("Al", ""));
+    // History the room replays during the join is not archived again.
+    let s = w.room(&room_history("bob", "old", T0 - 3600));
+    assert_eq!(s.delivered().len(), 1);
+    assert!(!s.archive);
+    // A live message during the join is.
+    let s = w.room(&groupchat("bob", "early"));
+    assert!(s.archive);
+    w.room(&self_presence("Al", &[110]));
+    let s = w.room(&subject("Topic"));
+    assert!(!s.archive);
+    w.session("laptop", &join("Al", ""));
+
+    let cases = [
+        (groupchat("bob", "live"), true),
+        (room_history("bob", "replayed", T0 - 60), false),
+        (subject("New topic"), false),
+        ("<message type='groupchat' from='$R/bob'><active xmlns='http://jabber.org/protocol/chatstates'/></message>".to_owned(), false),
+        ("<message type='chat' from='$R/bob' id='pm'><body>psst</body><x xmlns='$MU'/></message>".to_owned(), false),
+        ("<message type='error' from='$R' id='e'><error type='cancel'><forbidden xmlns='$ST'/></error></message>".to_owned(), false),
+        (occupant("dave"), false),
+    ];
+    for (xml, archive) in &cases {
+        let s = w.room(xml);
+        assert!(s.handled, "{xml}");
+        assert_eq!(s.delivered().len(), 2, "forked to both: {xml}");
+        assert_eq!(s.archive, *archive, "{xml}");
+        assert!(!s.persist, "{xml}");
+    }
+
+    // With no session online, live messages are still archived (and kept); others not.
+    w.end("phone");
+    w.end("laptop");
+    for (xml, archive) in &cases {
+        let s = w.room(xml);
+        assert!(s.swallowed(), "{xml}");
+        assert_eq!(s.archive, *archive, "no session: {xml}");
+    }
+
+    // Rooms alice is not in, and rooms she is leaving: never archived.
+    assert!(w.room(&groupchat("bob", "x").replace("$R", "$O")).passed());
+    w.session("phone", &join("Al", ""));
+    w.session("phone", "<presence type='unavailable' to='$R/Al'/>");
+    let s = w.room(&groupchat("bob", "while leaving"));
+    assert!(s.swallowed());
+    assert!(!s.archive);
+}
+
+/// XEP-0045 §8.1: only a message with a `<subject/>` and no `<body/>` changes the subject;
+/// one with both is an ordinary message, archived (SPEC flow 16) and kept as history.
+#[test]
+
+fn a_groupchat_message_with_subject_and_body_is_an_ordinary_message() {
+    let mut w = joined();
+    let s = w.room("<message type='groupchat' from='$R/bob' id='both'><subject>Re: plans</subject><body>see you</body></message>");
+    assert_eq!(s.delivered().len(), 1);
+    assert!(s.archive);
+    let s = w.session("laptop", &join("Al", ""));
+    let lines = s.delivered();
+    assert!(
+        lines.iter().any(|l| l.contains("body=see you")),
+        "kept as history: {lines:?}"
+    );
+    assert_eq!(
+        lines.last().unwrap(),
+        "laptop <- message groupchat from=R/bob id=subj subject=Topic",
+        "the subject is still Topic"
+    );
+}
