@@ -4,6 +4,7 @@
 #   make run        install what is missing, build, start a development Prosody (Ctrl-C stops)
 #   make test       install what is missing, then fmt, clippy, cargo test, luacheck, busted
 #   make install    copy build/mod_minimix/ into $(PLUGIN_DIR)
+#   make rock       pack a binary LuaRocks rock into build/ (for prosodyctl install)
 
 PROSODY ?= /usr/bin/prosody
 # The Cargo feature of the Lua the target Prosody runs (lua54 for Prosody 13).
@@ -18,11 +19,11 @@ C2S_PORT ?= 5222
 PLUGIN := build/mod_minimix
 SO := target/release/libminimix.so
 
-.PHONY: all build deps run test check unit spec lint install clean bench
+.PHONY: all build deps run test check unit spec lint install clean rock rock-build rock-install bench soak
 
 all: build
 
-build: $(PLUGIN)/mod_minimix.lua $(PLUGIN)/minimix.so
+build: $(PLUGIN)/mod_minimix.lua $(PLUGIN)/admin.lib.lua $(PLUGIN)/minimix.so
 
 $(PLUGIN)/minimix.so: Cargo.toml Cargo.lock $(wildcard src/*.rs)
 	$(CARGO) build $(CARGO_FLAGS)
@@ -30,6 +31,10 @@ $(PLUGIN)/minimix.so: Cargo.toml Cargo.lock $(wildcard src/*.rs)
 	cp $(SO) $@.tmp && mv $@.tmp $@
 
 $(PLUGIN)/mod_minimix.lua: lua/mod_minimix.lua
+	mkdir -p $(PLUGIN)
+	cp $< $@
+
+$(PLUGIN)/admin.lib.lua: lua/admin.lib.lua
 	mkdir -p $(PLUGIN)
 	cp $< $@
 
@@ -67,10 +72,37 @@ bench: deps build
 	lua5.4 spec/bench/inprocess.lua
 	lua5.4 spec/bench/e2e.lua both 3 2000
 
+# Soak: 300 sessions of 100 accounts in 30 rooms, 20,000 messages, join/leave/disconnect
+# churn; every delivery checked, server RSS before and after (README, Reliability).
+soak: deps build
+	PROSODY=$(PROSODY) lua5.4 spec/load/soak.lua
+
 install: build
 	install -d $(DESTDIR)$(PLUGIN_DIR)/mod_minimix
-	install -m 0644 $(PLUGIN)/mod_minimix.lua $(DESTDIR)$(PLUGIN_DIR)/mod_minimix/
+	install -m 0644 $(PLUGIN)/mod_minimix.lua $(PLUGIN)/admin.lib.lua $(DESTDIR)$(PLUGIN_DIR)/mod_minimix/
 	install -m 0755 $(PLUGIN)/minimix.so $(DESTDIR)$(PLUGIN_DIR)/mod_minimix/
+
+# LuaRocks (mod_minimix-scm-1.rockspec): `luarocks make` runs rock-build, then rock-install
+# with the rock's LUADIR; Prosody finds share/lua/5.x/mod_minimix/ in a luarocks tree.
+LUA ?= lua5.4
+rock-build:
+	$(MAKE) build LUA_FEATURE=$$($(LUA) -e 'print(jit and "luajit" or "lua5" .. _VERSION:sub(-1))')
+
+rock-install:
+	install -d $(LUADIR)/mod_minimix
+	install -m 0644 $(PLUGIN)/mod_minimix.lua $(PLUGIN)/admin.lib.lua $(LUADIR)/mod_minimix/
+	install -m 0755 $(PLUGIN)/minimix.so $(LUADIR)/mod_minimix/
+
+# `make rock`: install into a scratch tree, pack that (LuaRocks 3.8's --pack-binary-rock
+# installs a "make" rock's files elsewhere), and name the rock for its arch: minimix.so sits
+# beside the Lua files, so LuaRocks would label it "all".
+ROCKS = luarocks --lua-version=$$($(LUA) -e 'print(_VERSION:sub(-3))')
+rock:
+	rm -rf build/rock-tree
+	$(ROCKS) make --tree $(CURDIR)/build/rock-tree mod_minimix-scm-1.rockspec
+	cd build && $(ROCKS) --tree $(CURDIR)/build/rock-tree pack mod_minimix \
+		&& mv mod_minimix-scm-1.all.rock mod_minimix-scm-1.$$($(ROCKS) config arch).rock
+	rm -rf build/rock-tree
 
 clean:
 	rm -rf build

@@ -4,6 +4,13 @@
 -- core (minimix.so, loaded from this module's directory) and carries out the actions the
 -- core returns. All membership state lives in the core, one object per VirtualHost.
 
+-- Prosody 13 and trunk only (README, Compatibility): 0.12 and older lack the prosody.*
+-- module names and APIs used below, so check before anything else.
+if tostring(prosody.version):match("^0%.") then
+	module:log("error", "mod_minimix needs Prosody 13 or trunk, not %s: not loading", prosody.version);
+	return;
+end
+
 local st = require "prosody.util.stanza";
 local jid_bare = require "prosody.util.jid".bare;
 local jid_node = require "prosody.util.jid".node;
@@ -316,13 +323,12 @@ end
 -- module.restore had its chance.
 local function rejoin_stored()
 	if reloaded then return; end
-	local users = store.users and store:users();
-	if not users then
+	if not store.users then
 		module:log("warn", "This storage cannot list accounts: memberships are not restored after a restart");
 		return;
 	end
 	local count = 0;
-	for user in users do
+	for user in store:users() do
 		local rooms = store:get(user);
 		for room, m in pairs(rooms or {}) do
 			act("restore", user, room, m.nick, m.password);
@@ -337,3 +343,13 @@ prosody.started:next(function ()
 end);
 
 module:log("info", "mod_minimix %s loaded", minimix.version);
+
+-- Admin: shell commands (minimix:memberships/room/leave) and metrics, in admin.lib.lua
+-- beside this file. `core` and `control` change on reload (module.restore), so the library
+-- reaches them through functions.
+local admin_ok, admin_err = pcall(function ()
+	module:require("admin")({ core = function () return core; end; act = function (...) return act(...); end; });
+end);
+if not admin_ok then
+	module:log("error", "No shell commands or metrics (admin.lib.lua): %s", first_line(admin_err));
+end

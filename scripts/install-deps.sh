@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what building and testing mod_minimix needs on a Debian 12 machine:
-# Prosody 13 from bookworm-backports, Lua 5.4 with headers, busted, luacheck.
+# Prosody 13 from bookworm-backports, Lua 5.4 with headers, busted, luacheck, luarocks.
 # The backports source is derived from the machine's own apt sources, so no
 # mirror host name is written here.
 set -euo pipefail
@@ -12,6 +12,7 @@ command -v lua5.4 >/dev/null 2>&1 || need+=(lua5.4)
 command -v busted >/dev/null 2>&1 || need+=(lua-busted)
 command -v luacheck >/dev/null 2>&1 || need+=(lua-check)
 [ -f /usr/bin/pkg-config ] || need+=(pkg-config)
+command -v luarocks >/dev/null 2>&1 || need+=(luarocks)
 
 if [ ${#need[@]} -eq 0 ]; then
   exit 0

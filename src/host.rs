@@ -761,6 +761,12 @@ impl Host {
                 }
                 m.history.push(el.xml(), delay, now, history_length);
             }
+        } else if head.is_type("chat")
+            && el.has_child("body", NS_CLIENT)
+            && !el.has_child("delay", NS_DELAY)
+        {
+            // A private message from an occupant: mod_mam would have archived it.
+            out.archive = true;
         }
         out.fork(m);
         out
@@ -837,12 +843,8 @@ impl Host {
             if !m.remove(resource) || m.phase == Phase::Leaving {
                 continue;
             }
-            if m.participants.is_empty() {
-                out.notes.push(format!(
-                    "{user} stays in {} with no session joined ({resource} ended)",
-                    m.room
-                ));
-            } else {
+            // The account stays in the room, also when no session is left.
+            if !m.participants.is_empty() {
                 update_room_presence(m, &mut out);
             }
         }
