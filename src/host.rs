@@ -303,12 +303,12 @@ impl Host {
         nick: Option<&str>,
         now: i64,
     ) -> Outcome {
-        // A presence to the bare room JID is left to the room, which answers it.
         let Some(nick) = nick else {
-            return Outcome::pass();
+            return self.session_presence_to_room(user, resource, el, head, room, now);
         };
         match head.type_ {
             None => self.session_available(user, resource, head, el, room, nick, now),
+            Some("probe") => self.session_probe(user, resource, room, nick),
             Some("unavailable") => self.session_unavailable(user, resource, room),
             Some("error") => {
                 // An error presence from the account would make the room kick it.
@@ -323,6 +323,72 @@ impl Host {
             }
             Some(_) => Outcome::pass(),
         }
+    }
+
+    /// A presence to the bare room JID. A join needs a nick (XEP-0045 §7.2.1); a joined
+    /// session's presence there is a presence update, as Prosody's MUC takes it from an
+    /// occupant; anything else is left to the room.
+    fn session_presence_to_room(
+        &mut self,
+        user: &str,
+        resource: &str,
+        el: &dyn Payload,
+        head: &Head,
+        room: &str,
+        now: i64,
+    ) -> Outcome {
+        if head.type_.is_some() {
+            return Outcome::pass();
+        }
+        if el.has_child("x", NS_MUC) {
+            let mut out = Outcome::handled(user);
+            let reply = stanza::error_reply(
+                head,
+                room,
+                "modify",
+                "jid-malformed",
+                "A nickname is required to join a room",
+            );
+            out.deliver(resource, Out::New(reply));
+            return out;
+        }
+        match self.membership(user, room) {
+            Some(m) if m.phase == Phase::Joined && m.is_joined_session(resource) => {
+                let nick = m.nick.clone();
+                self.session_available(user, resource, head, el, room, &nick, now)
+            }
+            _ => Outcome::pass(),
+        }
+    }
+
+    /// A probe for an occupant's presence from a joined session: answered from what the
+    /// account knows, else asked of the room by the account.
+    fn session_probe(&mut self, user: &str, resource: &str, room: &str, nick: &str) -> Outcome {
+        let Some(m) = self.membership(user, room) else {
+            return Outcome::pass();
+        };
+        if m.phase != Phase::Joined || !m.is_joined_session(resource) {
+            return Outcome::pass();
+        }
+        let mut out = Outcome::handled(user);
+        let known = if nick == m.nick {
+            m.self_presence.clone().map(|xml| Out::Kept {
+                xml,
+                edit: Edit::OwnPresence {
+                    nick_differs: false,
+                },
+            })
+        } else {
+            m.occupants.get(nick).map(|xml| Out::Kept {
+                xml: xml.clone(),
+                edit: Edit::None,
+            })
+        };
+        match known {
+            Some(presence) => out.deliver(resource, presence),
+            None => out.send_original(None),
+        }
+        out
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -680,6 +746,22 @@ impl Host {
             if m.phase == Phase::Leaving {
                 return out;
             }
+            if m.phase == Phase::Joining
+                && m.made_by_module
+                && codes.contains(&status::ROOM_HAS_BEEN_CREATED)
+            {
+                // The room was gone and this join made it anew. Prosody locks a new room
+                // until its owner configures it, and no session is here to do that: accept
+                // the default configuration (an instant room, XEP-0045 §10.1.2), as
+                // Prosody does itself without room locking, so that every account and
+                // client can come back to it.
+                out.notes.push(format!(
+                    "{user} made {room} anew, which no longer existed, with the default configuration"
+                ));
+                out.actions.push(Action::Send {
+                    stanza: Out::New(presence::instant_room(room)),
+                });
+            }
             if m.phase == Phase::Joining {
                 out.notes.push(format!("{user} joined {room} as {nick}"));
                 out.persist = true;
@@ -703,7 +785,7 @@ impl Host {
             out.fork(m);
             return out;
         }
-        if !m.leave_waiters.is_empty() {
+        if !m.leave_waiters.is_empty() || m.phase == Phase::Leaving {
             // The answer to the account's own leave.
             for r in std::mem::take(&mut m.leave_waiters) {
                 out.deliver_original(&r);
@@ -957,6 +1039,7 @@ impl Host {
             return out;
         }
         let mut m = Membership::without_sessions(room, nick);
+        m.made_by_module = true;
         m.password = password.map(str::to_owned);
         // The join carries a plain available presence: that is what the room shows until
         // a session says otherwise.

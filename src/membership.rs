@@ -52,6 +52,8 @@ pub struct Membership {
     pub password: Option<String>,
     /// What the room was last told of the account's presence (reduced form).
     pub shown: Option<Rc<str>>,
+    /// The join was made by the module (after a restart, for a bookmark), not a session.
+    pub made_by_module: bool,
 }
 
 impl Membership {
@@ -75,6 +77,7 @@ impl Membership {
             subject: None,
             password: None,
             shown: None,
+            made_by_module: false,
         }
     }
 

@@ -34,6 +34,10 @@ impl OccupantCache {
         self.by_nick.remove(nick);
     }
 
+    pub fn get(&self, nick: &str) -> Option<&Rc<str>> {
+        self.by_nick.get(nick)
+    }
+
     /// Every occupant but `own_nick`, in a stable order.
     pub fn others<'a>(&'a self, own_nick: &'a str) -> impl Iterator<Item = &'a Rc<str>> + 'a {
         self.by_nick

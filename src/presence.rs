@@ -90,3 +90,21 @@ pub fn leave_for_room(room: &str, nick: &str) -> Element {
         .attr(n("type"), "unavailable")
         .build()
 }
+
+/// Accept a new room's default configuration (XEP-0045 §10.1.2, an instant room).
+pub fn instant_room(room: &str) -> Element {
+    Element::builder("iq", NS_CLIENT)
+        .attr(n("type"), "set")
+        .attr(n("to"), room)
+        .attr(n("id"), "minimix-instant-room")
+        .append(
+            Element::builder("query", "http://jabber.org/protocol/muc#owner")
+                .append(
+                    Element::builder("x", "jabber:x:data")
+                        .attr(n("type"), "submit")
+                        .build(),
+                )
+                .build(),
+        )
+        .build()
+}

@@ -1204,3 +1204,83 @@ fn a_groupchat_message_with_subject_and_body_is_an_ordinary_message() {
         "the subject is still Topic"
     );
 }
+
+// ---------------------------------------------------------------------------------------
+// Presences to a room that are not joins, leaves or updates to the account's nick.
+
+/// XEP-0045 §7.2.1: a join needs a nick. Prosody 13's MUC never answers one for a new room,
+/// so the module answers for the room.
+#[test]
+fn a_join_without_a_nick_gets_jid_malformed_from_the_room() {
+    let mut w = World::new();
+    let s = w.session(
+        "phone",
+        "<presence to='$R' id='j'><x xmlns='$MUC'/></presence>",
+    );
+    assert!(s.handled);
+    assert!(s.sent().is_empty());
+    assert_eq!(s.stanzas.len(), 1);
+    let (to, error) = &s.stanzas[0];
+    assert_eq!(to.as_deref(), Some("phone"));
+    assert_eq!(error.attr("type"), Some("error"));
+    assert_eq!(error.attr("from"), Some(R));
+    assert_eq!(stanza::error_condition(error), Some("jid-malformed"));
+    assert!(w.members().is_empty());
+}
+
+/// Prosody's MUC takes a presence to the bare room JID from an occupant as a presence
+/// update; a joined session's goes into the account's aggregate.
+#[test]
+fn presence_to_the_bare_room_from_a_joined_session_is_a_presence_update() {
+    let mut w = joined_twice();
+    let s = w.session("phone", "<presence to='$R'><show>chat</show></presence>");
+    assert!(s.handled);
+    assert_eq!(s.acts, ["send presence to=R/Al show=chat"]);
+    // From a session that did not join, it is left to the room.
+    assert!(w.session("tablet", "<presence to='$R'/>").passed());
+}
+
+/// A probe from a joined session is answered from what the account knows of the room.
+#[test]
+fn a_probe_from_a_joined_session_is_answered_locally() {
+    let mut w = joined_twice();
+    let s = w.session("laptop", "<presence type='probe' to='$R/bob'/>");
+    assert!(s.handled);
+    assert!(s.sent().is_empty());
+    assert_eq!(
+        s.delivered(),
+        ["laptop <- presence from=R/bob role=participant"]
+    );
+    let s = w.session("laptop", "<presence type='probe' to='$R/Al'/>");
+    assert_eq!(s.delivered().len(), 1);
+    assert!(s.delivered()[0].starts_with("laptop <- presence from=R/Al"));
+    // An occupant the account does not know of: the room is asked, from the account.
+    let s = w.session("laptop", "<presence type='probe' to='$R/nobody'/>");
+    assert_eq!(s.sent().len(), 1);
+    assert_eq!(s.sent()[0].attr("to"), Some(&*format!("{R}/nobody")));
+}
+
+/// After a crash a room may be gone: the stored rejoin makes it anew, locked until its
+/// owner configures it. The module accepts the default configuration for it.
+#[test]
+fn a_rejoin_that_makes_the_room_anew_accepts_its_default_configuration() {
+    let mut w = World::new();
+    w.restore(R, "Al", None);
+    let s = w.room(&self_presence("Al", &[110, 201]));
+    let sent = s.sent();
+    assert_eq!(sent.len(), 1, "{:?}", s.acts);
+    assert_eq!(sent[0].name(), "iq");
+    assert_eq!(sent[0].attr("type"), Some("set"));
+    assert_eq!(sent[0].attr("to"), Some(R));
+    let form = sent[0]
+        .get_child("query", "http://jabber.org/protocol/muc#owner")
+        .and_then(|q| q.get_child("x", "jabber:x:data"))
+        .unwrap();
+    assert_eq!(form.attr("type"), Some("submit"));
+    assert_eq!(w.members(), membership("Al", &[]));
+    // A session's own join that creates a room is left to the session, as plain MUC.
+    let mut w = World::new();
+    w.session("phone", &join("Al", ""));
+    let s = w.room(&self_presence("Al", &[110, 201]));
+    assert!(s.sent().is_empty());
+}

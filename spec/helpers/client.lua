@@ -103,7 +103,7 @@ function Client:_new_parser()
 	local session = { notopen = true }
 	self.session = session
 	self.parser = xmppstream.new(session, {
-		default_ns = "jabber:client",
+		default_ns = self.default_ns or "jabber:client",
 		streamopened = function(s, attr) s.notopen = nil; self.stream_id = attr.id end,
 		streamclosed = function() self.closed = true end,
 		handlestanza = function(_, el) self:_handle(el) end,
@@ -339,6 +339,42 @@ function Client.connect(opts)
 
 	self.logging = true
 	if opts.presence ~= false then self:send(st.presence()) end
+	return self
+end
+
+--- Connect as an external component (XEP-0114) to srv.component_port.
+--- opts: port (required), host (the component's domain), secret, address ("127.0.0.1").
+--- Stanzas it sends carry whatever `from` the test gives them (in the component's domain,
+--- or the server closes the stream with invalid-from).
+function Client.connect_component(opts)
+	assert(opts and opts.port and opts.host and opts.secret, "connect_component needs port, host and secret")
+	local self = setmetatable({
+		port = opts.port, host = opts.host, address = opts.address or "127.0.0.1", user = opts.host,
+		default_ns = "jabber:component:accept",
+		inbox = {}, log = {}, logging = false,
+		h = 0, out_count = 0, unacked = {}, sm_enabled = false,
+	}, Client)
+	local sock = socket.tcp()
+	sock:settimeout(5)
+	local ok, err = sock:connect(self.address, self.port)
+	if not ok then error(("cannot connect to %s:%s: %s"):format(self.address, self.port, err), 2) end
+	self.sock, self.closed = sock, false
+	self:_new_parser()
+	self:_write(("<?xml version='1.0'?><stream:stream xmlns='jabber:component:accept' xmlns:stream='%s' to='%s'>")
+		:format(NS_STREAMS, self.host))
+	local deadline = socket.gettime() + 5
+	while not self.stream_id and not self.closed and socket.gettime() < deadline do
+		self:_pump(deadline - socket.gettime())
+	end
+	if not self.stream_id then error("component " .. self.host .. ": no stream header from the server", 2) end
+	local sha1 = require "util.hashes".sha1
+	self:_write(tostring(st.stanza("handshake"):text(sha1(self.stream_id .. opts.secret, true))))
+	local res = self:wait_for("handshake")
+	if not res then
+		error(("component %s: handshake refused%s"):format(self.host,
+			self.stream_error and (" (" .. tostring(self.stream_error) .. ")") or ""), 2)
+	end
+	self.jid, self.logging = self.host, true
 	return self
 end
 

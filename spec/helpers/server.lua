@@ -14,6 +14,9 @@
 --                          (e.g. smacks_hibernation_time, default 60; minimix_* settings)
 --   muc_modules, muc_options   the same for the MUC component
 --   global_options         extra/overriding global options
+--   components             more components: a list of { host =, plugin = "muc", options =,
+--                          modules = }; without `plugin` and with `secret` an external
+--                          (XEP-0114) component, served on srv.component_port
 --   log_level ("debug"), http (true: give http_ports a free port, srv.http_port),
 --   port (default: a free one), start_timeout (10 s)
 --
@@ -250,8 +253,8 @@ function Server:write_config()
 		c2s_direct_tls_ports = {},
 		legacy_ssl_ports = {},
 		s2s_ports = {},
-		component_ports = {},
 		http_ports = { self.http_port },
+		component_ports = { self.component_port },
 		https_ports = {},
 		c2s_require_encryption = false,
 		s2s_require_encryption = false,
@@ -282,6 +285,15 @@ function Server:write_config()
 		option_lines(muc, "\t"),
 		"",
 	}, "\n")
+	for _, c in ipairs(o.components or {}) do
+		local options = merge(c.plugin and {} or { component_secret = c.secret }, c.options)
+		options.modules_enabled = c.modules
+		cfg = cfg .. table.concat({
+			"Component " .. serialise(c.host) .. (c.plugin and (" " .. serialise(c.plugin)) or ""),
+			option_lines(options, "\t"),
+			"",
+		}, "\n")
+	end
 	write_file(self.config, cfg)
 end
 
@@ -368,6 +380,7 @@ function Server.start(opts)
 		muc_options = opts.muc_options or {},
 		muc_modules = opts.muc_modules or {},
 		global_options = opts.global_options or {},
+		components = opts.components or {},
 		log_level = opts.log_level or "debug",
 		http = opts.http,
 		start_timeout = opts.start_timeout,
@@ -384,6 +397,9 @@ function Server.start(opts)
 		http_port = o.http and free_port() or nil,
 		is_root = capture("id -u"):match("^0%s") ~= nil,
 	}, Server)
+	for _, c in ipairs(o.components) do
+		if c.secret and not c.plugin then self.component_port = self.component_port or free_port() end
+	end
 	self:write_config()
 	self:write_accounts()
 	running[self] = true -- so stop_all() cleans up even if launch fails
@@ -418,6 +434,21 @@ function Server:restart()
 	self:stop()
 	self.pid = nil
 	return self:launch()
+end
+
+--- Start again on the same data dir, config and port after stop() or kill9().
+function Server:relaunch()
+	assert(not (self.pid and alive(self.pid)), "relaunch() needs a stopped server")
+	self.pid = nil
+	return self:launch()
+end
+
+--- Evaluate Lua inside the server through the admin shell (`> code`); returns the text
+--- the shell printed after "Result: " (nil if none) and the whole output.
+function Server:eval(code)
+	local out = self:shell("> " .. code)
+	local result = out:match("\nResult: ([^\n]*)") or out:match("^Result: ([^\n]*)")
+	return result, out
 end
 
 --- Stop and delete the temp dir (unless MINIMIX_KEEP_TMP is set).
