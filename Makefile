@@ -3,6 +3,7 @@
 #   make            build build/mod_minimix/ (the shim + the Rust core for the target Lua)
 #   make run        install what is missing, build, start a development Prosody (Ctrl-C stops)
 #   make test       install what is missing, then fmt, clippy, cargo test, luacheck, busted
+#   make fuzz       the core's property tests with 100000 cases (a few minutes)
 #   make install    copy build/mod_minimix/ into $(PLUGIN_DIR)
 #   make rock       pack a binary LuaRocks rock into build/ (for prosodyctl install)
 
@@ -19,7 +20,7 @@ C2S_PORT ?= 5222
 PLUGIN := build/mod_minimix
 SO := target/release/libminimix.so
 
-.PHONY: all build deps run test check unit spec lint install clean rock rock-build rock-install bench soak
+.PHONY: all build deps run test check unit spec lint install clean rock rock-build rock-install bench soak fuzz
 
 all: build
 
@@ -59,8 +60,14 @@ lint:
 unit:
 	$(CARGO) test
 
+# The core's property tests with many more cases (tests/properties.rs; `cargo test` runs
+# 2000). FUZZ_CASES=… to change; MINIMIX_KNOWN_BUGS=all also generates known-bug inputs.
+FUZZ_CASES ?= 100000
+fuzz:
+	PROPTEST_CASES=$(FUZZ_CASES) $(CARGO) test --release --test properties -- --nocapture
+
 spec: build
-	PROSODY=$(PROSODY) $(BUSTED) spec
+	PROSODY=$(PROSODY) PROSODY_012=$$(scripts/prosody-0.12.sh) $(BUSTED) spec
 
 check: lint unit spec
 

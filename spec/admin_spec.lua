@@ -449,7 +449,7 @@ describe("prosody versions", function()
 	-- and bin/prosodyctl edited so that CFG_SOURCEDIR and CFG_PLUGINDIR point into DIR.
 	it("mod_minimix refuses to load on Prosody 0.12 with one clear log line", function()
 		local p012 = os.getenv("PROSODY_012")
-		if not p012 then
+		if not p012 or p012 == "" then
 			pending("set PROSODY_012 to a Prosody 0.12 executable to run this")
 			return
 		end

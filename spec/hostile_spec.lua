@@ -641,3 +641,40 @@ describe("stanzas claiming to come from rooms the account never joined", functio
 		still_joined()
 	end)
 end)
+
+describe("a stanza nested deeper than the module reads", function()
+	local DEEP = "deep@conference.localhost"
+	local srv
+	teardown(function() if srv then srv:destroy() end end)
+
+	it("is forked but not kept, and later joins are still served locally, whole", function()
+		srv = Server.start{ module = true, plugin_path = os.getenv("MINIMIX_PLUGIN_PATH"),
+			muc_options = { muc_room_locking = false } }
+		local bob = Client.connect{ port = srv.port, user = "bob", resource = "pc" }
+		bob:send(Client.muc_join(DEEP .. "/Bob"))
+		local phone = Client.connect{ port = srv.port, user = "alice", resource = "phone" }
+		phone:send(Client.muc_join(DEEP .. "/Alice"))
+		Client.collect_all{ bob, phone }
+		bob:send(Client.groupchat(DEEP, "plain", "plain"))
+		local deep = st.message({ to = DEEP, type = "groupchat", id = "deep" }):text_tag("body", "deep")
+		deep:tag("a", { xmlns = "urn:example:nest" })
+		for _ = 1, 70 do deep:tag("a") end
+		bob:send(deep)
+		Client.collect_all{ bob, phone }
+		local function has_body(body)
+			return function(el) return el.name == "message" and Client.body(el) == body end
+		end
+		assert.equal(1, count(phone.log, has_body("deep")))
+		bob.log = {}
+		local laptop = Client.connect{ port = srv.port, user = "alice", resource = "laptop" }
+		laptop:send(Client.muc_join(DEEP .. "/Alice"))
+		Client.collect_all{ bob, phone, laptop }
+		-- Served locally: the room heard nothing, the laptop got its join in full.
+		assert.equal(0, count(bob.log, function(el) return el.name == "presence" end))
+		assert.equal(1, count(laptop.log, has_body("plain")))
+		assert.equal(0, count(laptop.log, has_body("deep")))
+		assert.equal(1, count(laptop.log, function(el) return Client.muc_status(el)[110] end))
+		assert.equal(1, count(laptop.log, function(el) return el:get_child("subject") ~= nil end))
+		assert.same({}, srv:tracebacks())
+	end)
+end)

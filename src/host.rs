@@ -520,6 +520,10 @@ impl Host {
         let Some(m) = self.membership_mut(user, room) else {
             return Outcome::pass();
         };
+        if m.leave_waiters.iter().any(|r| r == resource) && !m.is_participant(resource) {
+            // Already waiting for the room's answer to the account's leave: it comes.
+            return Outcome::handled(user);
+        }
         if !m.remove(resource) {
             return Outcome::pass();
         }
@@ -722,6 +726,11 @@ impl Host {
             }
             return out;
         }
+        if head.type_.is_some() && !head.is_type("unavailable") {
+            // Rooms send no other presence types (subscribe, probe, …) to occupants:
+            // none of it is room state.
+            return Outcome::pass();
+        }
         let Some(nick) = nick else {
             out.fork(m);
             return out;
@@ -735,7 +744,7 @@ impl Host {
                 m.occupants.remove(nick);
             } else {
                 m.occupants
-                    .update(nick, !unavailable, max_occupants, || el.xml());
+                    .update(nick, !unavailable, max_occupants, || kept(el));
             }
             if m.phase != Phase::Leaving {
                 out.fork(m);
@@ -770,7 +779,7 @@ impl Host {
             m.mark_all_joined();
             m.nick = nick.to_owned();
             m.nick_change_by = None;
-            m.self_presence = Some(el.xml());
+            m.self_presence = kept(el).or(m.self_presence.take());
             m.affiliation = el.item_attr("affiliation");
             out.fork(m);
             // Presence changes made while the join was in flight reach the room now.
@@ -829,7 +838,7 @@ impl Host {
             let has_body = el.has_child("body", NS_CLIENT);
             // XEP-0045 §8.1: only a subject without a body changes the subject.
             if !has_body && el.has_child("subject", NS_CLIENT) {
-                m.subject = Some(el.xml());
+                m.subject = kept(el).or(m.subject.take());
                 m.complete = true;
             } else if has_body {
                 let delay = el
@@ -841,7 +850,9 @@ impl Host {
                     m.complete = true;
                     out.archive = true;
                 }
-                m.history.push(el.xml(), delay, now, history_length);
+                if let Some(xml) = kept(el) {
+                    m.history.push(xml, delay, now, history_length);
+                }
             }
         } else if head.is_type("chat")
             && el.has_child("body", NS_CLIENT)
@@ -1023,7 +1034,12 @@ impl Host {
         if self.membership(user, room).is_some() {
             return Outcome::pass();
         }
-        let Some(muc_host) = Addr::parse(room).map(|a| a.domain) else {
+        // The same rules as for what sessions send: a room has a node, no resource, and
+        // lives on another host than this one.
+        let Some(muc_host) = Addr::parse(room)
+            .filter(|a| a.node.is_some() && a.resource.is_none() && a.domain != self.domain)
+            .map(|a| a.domain)
+        else {
             return Outcome::pass();
         };
         if self.excluded(room, muc_host) || jid::FullJid::new(&format!("{room}/{nick}")).is_err() {
@@ -1065,7 +1081,11 @@ impl Host {
         m.phase = Phase::Leaving;
         let resources: Vec<String> = m.recipients().map(str::to_owned).collect();
         m.participants.clear();
-        m.leave_waiters.extend(resources);
+        for r in resources {
+            if !m.leave_waiters.contains(&r) {
+                m.leave_waiters.push(r);
+            }
+        }
         out.notes.push(format!("{user} leaves {room}: {why}"));
         out.persist = true;
         out.actions.push(Action::Send {
@@ -1149,6 +1169,12 @@ impl Host {
         }
         s
     }
+}
+
+/// A stanza's serialized form, to keep; none when it could not be serialized (nested past
+/// what the bridge reads): such a stanza is forked but not kept.
+fn kept(el: &dyn Payload) -> Option<Rc<str>> {
+    Some(el.xml()).filter(|xml| !xml.is_empty())
 }
 
 fn set_presence(m: &mut Membership, resource: &str, presence: Option<SessionPresence>) {

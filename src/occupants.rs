@@ -12,21 +12,30 @@ pub struct OccupantCache {
 }
 
 impl OccupantCache {
-    /// Record what the room said of `nick`. `presence` is asked for only when kept. A new
-    /// nick past `limit` is not kept (it is still forked).
+    /// Record what the room said of `nick`. `presence` is asked for only when kept (and
+    /// none forgets the nick). A new nick past `limit` is not kept (it is still forked).
     pub fn update(
         &mut self,
         nick: &str,
         available: bool,
         limit: usize,
-        presence: impl FnOnce() -> Rc<str>,
+        presence: impl FnOnce() -> Option<Rc<str>>,
     ) {
         if !available {
             self.by_nick.remove(nick);
-        } else if let Some(slot) = self.by_nick.get_mut(nick) {
-            *slot = presence();
-        } else if self.by_nick.len() < limit {
-            self.by_nick.insert(nick.to_owned(), presence());
+            return;
+        }
+        let known = self.by_nick.contains_key(nick);
+        if !known && self.by_nick.len() >= limit {
+            return;
+        }
+        match presence() {
+            Some(p) => {
+                self.by_nick.insert(nick.to_owned(), p);
+            }
+            None => {
+                self.by_nick.remove(nick);
+            }
         }
     }
 

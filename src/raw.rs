@@ -795,7 +795,6 @@ unsafe fn push_outcome(l: *mut lua_State, shared: &Shared, out: Outcome) -> Resu
         let flags =
             ffi::lua_Integer::from(out.persist) | (ffi::lua_Integer::from(out.archive) << 1);
         ffi::lua_checkstack(l, 8);
-        let first = ffi::lua_gettop(l) + 1;
         ffi::lua_pushboolean(l, c_int::from(out.handled));
         match &out.user {
             Some(u) => push_str(l, u),
@@ -831,41 +830,49 @@ unsafe fn push_outcome(l: *mut lua_State, shared: &Shared, out: Outcome) -> Resu
         }
         ffi::lua_createtable(l, (out.actions.len() * 4) as c_int, 0);
         let actions = ffi::lua_gettop(l);
-        let mut i: ffi::lua_Integer = 0;
-        let mut next = || {
-            i += 1;
-            i
-        };
-        for action in &out.actions {
+        let mut skipped = 0;
+        for (k, action) in out.actions.iter().enumerate() {
+            // This action's four slots: op, resource, stanza, id.
+            let op_slot = k as ffi::lua_Integer * 4 + 1;
             let (op, resource, stanza) = match action {
                 Action::Deliver { resource, stanza } => (OP_DELIVER, Some(resource), stanza),
                 Action::Send { stanza } => (OP_SEND, None, stanza),
             };
             ffi::lua_pushinteger(l, op);
-            ffi::lua_rawseti(l, actions, next());
+            ffi::lua_rawseti(l, actions, op_slot);
             match resource {
                 Some(r) => push_str(l, r),
                 None => ffi::lua_pushboolean(l, 0),
             }
-            ffi::lua_rawseti(l, actions, next());
+            ffi::lua_rawseti(l, actions, op_slot + 1);
             match stanza {
                 Out::Original { .. } => ffi::lua_pushboolean(l, 0),
                 Out::New(el) => push_element(l, el, NS_CLIENT, true, shared.stanza_mt),
                 Out::Kept { xml, edit } => {
                     if push_kept(l, xml, edit, shared.stanza_mt).is_none() {
-                        ffi::lua_settop(l, first - 1);
-                        return Err("a kept stanza no longer parses".to_owned());
+                        // Cannot happen for what the core keeps; if it does, this one
+                        // stanza is skipped (op 0 does nothing), not the whole event.
+                        ffi::lua_pushinteger(l, 0);
+                        ffi::lua_rawseti(l, actions, op_slot);
+                        ffi::lua_pushboolean(l, 0);
+                        skipped += 1;
                     }
                 }
             }
-            ffi::lua_rawseti(l, actions, next());
+            ffi::lua_rawseti(l, actions, op_slot + 2);
             match stanza {
                 Out::Original { id: Some(id) } => push_str(l, id),
                 _ => ffi::lua_pushboolean(l, 0),
             }
-            ffi::lua_rawseti(l, actions, next());
+            ffi::lua_rawseti(l, actions, op_slot + 3);
         }
-        push_notes(l, &out.notes);
+        let mut notes = out.notes;
+        if skipped > 0 {
+            notes.push(format!(
+                "{skipped} kept stanza(s) did not parse and were not sent"
+            ));
+        }
+        push_notes(l, &notes);
         ffi::lua_pushnil(l);
         ffi::lua_pushinteger(l, flags);
         Ok(6)
