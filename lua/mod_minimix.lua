@@ -15,7 +15,6 @@ local st = require "prosody.util.stanza";
 local jid_bare = require "prosody.util.jid".bare;
 local jid_node = require "prosody.util.jid".node;
 local time_now = require "prosody.util.time".now;
-local modulemanager = require "prosody.core.modulemanager";
 
 if module:get_host_type() ~= "local" then
 	module:log("error", "mod_minimix belongs under a VirtualHost, not on %s", module.host);
@@ -98,7 +97,9 @@ end
 local archive_store;
 local function archive()
 	if archive_setting == false then return nil; end
-	if archive_setting == nil and not modulemanager.is_loaded(host, "mam") then return nil; end
+	if archive_setting == nil and not require "prosody.core.modulemanager".is_loaded(host, "mam") then
+		return nil;
+	end
 	if not archive_store then
 		archive_store = module:open_store(module:get_option_string("archive_store", "archive"), "archive");
 	end

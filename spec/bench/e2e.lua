@@ -1,5 +1,6 @@
 -- End-to-end benchmark: the same groupchat load on plain Prosody and on Prosody with
--- mod_minimix, side by side in one run, alternating, reporting medians and ratios.
+-- mod_minimix (without and with its MAM archive), side by side in one run, alternating,
+-- reporting medians and ratios.
 --
 --   lua5.4 spec/bench/e2e.lua [shape] [runs] [messages]
 --     shape: multi  (20 accounts x 3 sessions in one room; the default)
@@ -83,13 +84,24 @@ end
 -- expected = { [counter] = n } }.
 local shapes = {}
 
-function shapes.multi(with_module)
-	local names = { "sender" }
-	for i = 1, 20 do names[#names + 1] = "user" .. i end
-	local srv = Server.start{
-		module = with_module, accounts = accounts_for(names), log_level = "warn", modules = TYPICAL_MODULES,
+-- Modes: plain Prosody; mod_minimix doing the same work (no archive: plain Prosody's
+-- mod_mam never archives groupchat); mod_minimix also storing every message in each
+-- account's MAM archive (flow 16, on by default when mod_mam is loaded).
+local MODES = { "plain", "minimix", "minimix+archive" }
+
+local function server_for(mode, names)
+	return Server.start{
+		module = mode ~= "plain", accounts = accounts_for(names), log_level = "warn", modules = TYPICAL_MODULES,
+		options = { minimix_archive = mode == "minimix+archive" },
 		muc_options = { muc_room_locking = false, max_history_messages = 20 },
 	}
+end
+
+function shapes.multi(mode)
+	local with_module = mode ~= "plain"
+	local names = { "sender" }
+	for i = 1, 20 do names[#names + 1] = "user" .. i end
+	local srv = server_for(mode, names)
 	local room = "bench@" .. MUC
 	local sender = Client.connect{ port = srv.port, user = "sender", resource = "s" }
 	sender:send(Client.muc_join(room .. "/sender", { history = { maxstanzas = 0 } }))
@@ -109,13 +121,10 @@ function shapes.multi(with_module)
 	return srv, { { client = sender, room = room, count = MESSAGES } }, sessions, function() return MESSAGES end
 end
 
-function shapes.single(with_module)
+function shapes.single(mode)
 	local names = {}
 	for i = 1, 200 do names[i] = "user" .. i end
-	local srv = Server.start{
-		module = with_module, accounts = accounts_for(names), log_level = "warn", modules = TYPICAL_MODULES,
-		muc_options = { muc_room_locking = false, max_history_messages = 20 },
-	}
+	local srv = server_for(mode, names)
 	local sessions, members = {}, {}
 	for i = 1, 200 do
 		local c = Client.connect{ port = srv.port, user = "user" .. i, resource = "r" }
@@ -139,8 +148,8 @@ function shapes.single(with_module)
 	return srv, senders, sessions, function() return per_room * 5 end
 end
 
-local function run_once(shape, with_module)
-	local srv, senders, sessions, expected_each = shapes[shape](with_module)
+local function run_once(shape, mode)
+	local srv, senders, sessions, expected_each = shapes[shape](mode)
 	local all = {}
 	for _, c in ipairs(sessions) do all[#all + 1] = c end
 	for _, s in ipairs(senders) do
@@ -211,36 +220,44 @@ local function median(list)
 end
 
 local function bench(shape)
-	local results = { plain = {}, minimix = {} }
+	local results = {}
+	for _, mode in ipairs(MODES) do results[mode] = {} end
 	for i = 1, RUNS do
-		for _, mode in ipairs{ "plain", "minimix" } do
-			local r = run_once(shape, mode == "minimix")
+		for _, mode in ipairs(MODES) do
+			local r = run_once(shape, mode)
 			table.insert(results[mode], r)
-			io.stderr:write(("  run %d %-7s cpu %.2fs wall %.2fs delivered %d/%d lost %d dup %d\n")
+			io.stderr:write(("  run %d %-15s cpu %.2fs wall %.2fs delivered %d/%d lost %d dup %d\n")
 				:format(i, mode, r.cpu, r.wall, r.delivered, r.want, r.lost, r.dup))
 		end
 	end
 	local out = {}
 	for mode, rs in pairs(results) do
-		local cpus, walls, lost, dup = {}, {}, 0, 0
+		local cpus, walls, rss, lost, dup = {}, {}, {}, 0, 0
 		for _, r in ipairs(rs) do
-			cpus[#cpus + 1] = r.cpu; walls[#walls + 1] = r.wall
+			cpus[#cpus + 1] = r.cpu; walls[#walls + 1] = r.wall; rss[#rss + 1] = r.rss_growth
 			lost = lost + r.lost; dup = dup + r.dup
 		end
-		local rss = {}
-		for _, r in ipairs(rs) do rss[#rss + 1] = r.rss_growth end
 		out[mode] = { cpu = median(cpus), wall = median(walls), lost = lost, dup = dup,
 			delivered = rs[1].delivered, messages = rs[1].messages, rss = median(rss) }
 	end
-	local p, m = out.plain, out.minimix
+	local p = out.plain
 	print(("shape %s: %d messages, %d deliveries per run, medians of %d alternating runs"):format(
 		shape, p.messages, p.delivered, RUNS))
-	local line = "  %-8s server CPU %7.3f s (%6.3f ms/message)  wall %7.3f s  lost %d  duplicated %d"
+	local line = "  %-15s server CPU %7.3f s (%6.3f ms/message)  wall %7.3f s  lost %d  duplicated %d"
 		.. "  RSS growth over the messages %d KiB"
-	print(line:format("plain", p.cpu, p.cpu * 1000 / p.messages, p.wall, p.lost, p.dup, p.rss))
-	print(line:format("minimix", m.cpu, m.cpu * 1000 / m.messages, m.wall, m.lost, m.dup, m.rss))
-	print(("  ratio minimix/plain: CPU %.2f  wall %.2f"):format(m.cpu / p.cpu, m.wall / p.wall))
-	return m.lost + m.dup + p.lost + p.dup
+	local bad = 0
+	for _, mode in ipairs(MODES) do
+		local m = out[mode]
+		print(line:format(mode, m.cpu, m.cpu * 1000 / m.messages, m.wall, m.lost, m.dup, m.rss))
+		bad = bad + m.lost + m.dup
+	end
+	for _, mode in ipairs(MODES) do
+		if mode ~= "plain" then
+			local m = out[mode]
+			print(("  ratio %s/plain: CPU %.2f  wall %.2f"):format(mode, m.cpu / p.cpu, m.wall / p.wall))
+		end
+	end
+	return bad
 end
 
 local bad = 0

@@ -26,6 +26,8 @@ local clock = os.clock
 -- register its hooks. Sessions count what they are sent; module:send counts too.
 
 local function load_shim(options)
+	-- The pure-Lua implementation keeps no archive either.
+	if options.minimix_archive == nil then options.minimix_archive = false end
 	local hooks, sent = {}, { n = 0 }
 	local full_sessions = {}
 	local env_module = {
@@ -40,12 +42,21 @@ local function load_shim(options)
 		send = function(_, stanza) sent.n = sent.n + 1; sent.last = stanza end,
 		get_option_integer = function(_, name, default) return options[name] or default end,
 		get_option_array = function(_, name, default) return options[name] or default end,
+		get_option_string = function(_, name, default) return options[name] or default end,
+		open_store = function()
+			return { get = function() end, set = function() return true end, users = function() return next, {} end }
+		end,
+		handle_items = function() end,
+		add_timer = function() end,
+		require = function() error("no admin library in the benchmark") end,
 		get_option_boolean = function(_, name, default)
 			if options[name] == nil then return default end
 			return options[name]
 		end,
 	}
-	local env = setmetatable({ module = env_module, prosody = { full_sessions = full_sessions } },
+	local fake_prosody = { full_sessions = full_sessions, version = "13.0.1",
+		started = { next = function() end } }
+	local env = setmetatable({ module = env_module, prosody = fake_prosody },
 		{ __index = _G })
 	local chunk = assert(loadfile("build/mod_minimix/mod_minimix.lua", "t", env))
 	chunk()
