@@ -2,10 +2,11 @@
 -- mod_minimix (without and with its MAM archive), side by side in one run, alternating,
 -- reporting medians and ratios.
 --
---   lua5.4 spec/bench/e2e.lua [shape] [runs] [messages]
+--   lua5.4 spec/bench/e2e.lua [shape] [runs] [messages] [modes]
 --     shape: multi  (20 accounts x 3 sessions in one room; the default)
 --            single (200 accounts x 1 session, 50 rooms of 20 accounts each)
 --            both
+--     modes: comma-separated, default plain,minimix,minimix+archive
 --
 -- Server CPU is read from /proc/<pid>/stat (utime + stime) around the message phase only;
 -- wall time runs from the first message sent until every session has every message.
@@ -88,6 +89,10 @@ local shapes = {}
 -- mod_mam never archives groupchat); mod_minimix also storing every message in each
 -- account's MAM archive (flow 16, on by default when mod_mam is loaded).
 local MODES = { "plain", "minimix", "minimix+archive" }
+if arg[4] then
+	MODES = {}
+	for mode in arg[4]:gmatch("[^,]+") do MODES[#MODES + 1] = mode end
+end
 
 local function server_for(mode, names)
 	return Server.start{
