@@ -1,7 +1,9 @@
 //! mod_minimix: group chats joined per account instead of per client.
 //!
-//! `host` is the I/O-free core (one `Host` per VirtualHost); `bridge` exposes it to the
-//! Lua shim `lua/mod_minimix.lua` through mlua.
+//! `host` is the I/O-free core (one `Host` per VirtualHost, with one module per concern
+//! beside it). `raw` holds the hot entry points, written against Lua's C API; `bridge` is
+//! the mlua side (the constructor and the admin methods). The Lua shim
+//! `lua/mod_minimix.lua` registers the Prosody hooks and carries out what the core decides.
 
 pub mod bridge;
 pub mod history;
