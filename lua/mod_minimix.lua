@@ -25,10 +25,17 @@ local NS_TEST_FAULT = "urn:xmpp:minimix:test-fault";
 local NS_STANZA_ID = "urn:xmpp:sid:0";
 local NS_BOOKMARKS = "urn:xmpp:bookmarks:1";
 local OP_DELIVER, OP_SEND = 1, 2;
-local FLAG_PERSIST, FLAG_ARCHIVE = 1, 2;
+local FLAG_PERSIST, FLAG_ARCHIVE, FLAG_SEND_ORIGINAL = 1, 2, 4;
 
 local host = module.host;
 local full_sessions = prosody.full_sessions;
+
+-- Bare JIDs of this host's accounts, made once each.
+local bare_jids = setmetatable({}, { __index = function (t, user)
+	local bare = user .. "@" .. host;
+	t[user] = bare;
+	return bare;
+end });
 
 local function load_core()
 	local path = module:get_directory() .. "/minimix.so";
@@ -112,7 +119,7 @@ end
 local function archived_copy(user, stanza)
 	local store_to = archive();
 	if not store_to then return stanza; end
-	local bare = user .. "@" .. host;
+	local bare = bare_jids[user];
 	local copy = st.clone(stanza);
 	copy:maptags(function (tag)
 		if tag.name == "stanza-id" and tag.attr.xmlns == NS_STANZA_ID and tag.attr.by == bare then
@@ -132,7 +139,7 @@ local function archived_copy(user, stanza)
 end
 
 local function carry_out(user, actions, stanza)
-	local bare = user .. "@" .. host;
+	local bare = bare_jids[user];
 	local last_resource, full, session;
 	for i = 1, #actions, 4 do
 		local op, resource, out, id = actions[i], actions[i + 1], actions[i + 2], actions[i + 3];
@@ -192,7 +199,14 @@ local function finish(stanza, ok, handled, user, actions, notes, recipients, fla
 			end
 		end
 	end
-	if recipients then
+	if flags & FLAG_SEND_ORIGINAL ~= 0 then
+		-- What a joined session sends to its room goes out from the account.
+		stanza.attr.from = bare_jids[user];
+		local sent, err = pcall(module.send, module, stanza);
+		if not sent then
+			module:log("error", "mod_minimix failed while sending for %s: %s", stanza:top_tag(), first_line(err));
+		end
+	elseif recipients then
 		-- A fork: the stanza that came in, to each of these sessions.
 		for i = 1, #recipients do
 			local full = recipients[i];
@@ -233,13 +247,13 @@ local function from_session(event)
 			return;
 		end
 	end
-	return finish(stanza, pcall(session_event, origin.username, origin.resource, stanza, os.time()));
+	return finish(stanza, pcall(session_event, origin.username, origin.resource, stanza));
 end
 
 -- A stanza for one of this host's accounts (the bare JID): what rooms send to the account.
 local function to_account(event)
 	local stanza = event.stanza;
-	return finish(stanza, pcall(room_event, stanza, os.time()));
+	return finish(stanza, pcall(room_event, stanza));
 end
 
 -- Something the module does of its own accord (see src/raw.rs, control).

@@ -30,6 +30,9 @@ use crate::stanza::{
 /// Stanzas nested deeper than this are not serialized (they pass on untouched).
 const MAX_DEPTH: usize = 64;
 
+/// Flags beside persist (1) and archive (2): send the stanza that came in from the account.
+const FLAG_SEND_ORIGINAL: ffi::lua_Integer = 4;
+
 const OP_DELIVER: i64 = 1;
 const OP_SEND: i64 = 2;
 
@@ -786,7 +789,8 @@ unsafe fn push_kept(l: *mut lua_State, xml: &str, edit: &Edit, mt: c_int) -> Opt
 /// id|false`: `stanza` false means the stanza that came in, `id` false means keep its id.
 /// A plain fork comes as `recipients` instead (and `actions` nil): the full JIDs to give
 /// the stanza that came in to. `flags`: 1 = store the account's memberships again,
-/// 2 = archive the stanza that came in for the account (before forking it).
+/// 2 = archive the stanza that came in for the account (before forking it), 4 = send the
+/// stanza that came in from the account (and `actions` is nil).
 unsafe fn push_outcome(l: *mut lua_State, shared: &Shared, out: Outcome) -> Result<c_int, String> {
     unsafe {
         if !out.handled && out.notes.is_empty() && out.actions.is_empty() && !out.persist {
@@ -799,6 +803,20 @@ unsafe fn push_outcome(l: *mut lua_State, shared: &Shared, out: Outcome) -> Resu
         match &out.user {
             Some(u) => push_str(l, u),
             None => ffi::lua_pushnil(l),
+        }
+        // What a joined session sends to its room: the stanza that came in, sent from the
+        // account as it is. Said with a flag, without an actions list.
+        if let [
+            Action::Send {
+                stanza: Out::Original { id: None },
+            },
+        ] = out.actions.as_slice()
+        {
+            ffi::lua_pushnil(l);
+            push_notes(l, &out.notes);
+            ffi::lua_pushnil(l);
+            ffi::lua_pushinteger(l, flags | FLAG_SEND_ORIGINAL);
+            return Ok(6);
         }
         // The common case, a fork: the stanza that came in, to these sessions. Their full
         // JIDs go back as one list, so the shim's loop is as short as it can be.
@@ -967,23 +985,35 @@ unsafe fn run_event(
     }
 }
 
-/// `room_event(stanza, now)`: something arrived for an account's bare JID.
+/// The time given at `idx` (tests and benchmarks), else the clock, in Unix seconds.
+unsafe fn now_at(l: *mut lua_State, idx: c_int) -> i64 {
+    unsafe {
+        if ffi::lua_isinteger(l, idx) != 0 {
+            return ffi::lua_tointegerx(l, idx, std::ptr::null_mut());
+        }
+    }
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+/// `room_event(stanza[, now])`: something arrived for an account's bare JID.
 unsafe extern "C-unwind" fn room_event(l: *mut lua_State) -> c_int {
     unsafe {
-        let now = ffi::lua_tointegerx(l, 2, std::ptr::null_mut());
+        let now = now_at(l, 2);
         run_event(l, 1, |host, head, payload| {
             host.room_event(head, payload, now)
         })
     }
 }
 
-/// `session_event(user, resource, stanza, now)`: a session of this host sent a stanza.
+/// `session_event(user, resource, stanza[, now])`: a session of this host sent a stanza.
 unsafe extern "C-unwind" fn session_event(l: *mut lua_State) -> c_int {
     unsafe {
         let (Some(user), Some(resource)) = (str_at(l, 1), str_at(l, 2)) else {
             return 0;
         };
-        let now = ffi::lua_tointegerx(l, 4, std::ptr::null_mut());
+        let now = now_at(l, 4);
         run_event(l, 3, |host, head, payload| {
             host.session_event(user, resource, head, payload, now)
         })
