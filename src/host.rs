@@ -76,6 +76,43 @@ pub enum Edit {
     },
 }
 
+impl Edit {
+    /// The element added at the end of the kept stanza, if any.
+    pub fn added_to_stanza(&self) -> Option<Element> {
+        match self {
+            Edit::Delay { room, stamp } => Some(
+                Element::builder("delay", NS_DELAY)
+                    .attr(n("from"), room.as_str())
+                    .attr(n("stamp"), crate::time::format_stamp(*stamp))
+                    .build(),
+            ),
+            _ => None,
+        }
+    }
+
+    /// Whether the self-presence's muc#user payload is edited at all.
+    pub fn edits_own_presence(&self) -> bool {
+        matches!(self, Edit::OwnPresence { .. })
+    }
+
+    /// The status added to the self-presence's muc#user payload, if any.
+    pub fn added_to_own_presence(&self) -> Option<Element> {
+        match self {
+            Edit::OwnPresence { nick_differs: true } => Some(
+                Element::builder("status", NS_MUC_USER)
+                    .attr(n("code"), status::ASSIGNED_NICK.to_string())
+                    .build(),
+            ),
+            _ => None,
+        }
+    }
+
+    /// Whether a status code is left out of the self-presence ("room created", 201).
+    pub fn drops_own_status(code: Option<&str>) -> bool {
+        code == Some("201")
+    }
+}
+
 impl Out {
     /// The element an `Out` that is not the original stands for.
     pub fn to_element(&self) -> Option<Element> {
@@ -84,19 +121,11 @@ impl Out {
             Out::New(el) => Some(el.clone()),
             Out::Kept { xml, edit } => {
                 let mut el = stanza::parse_kept(xml)?;
-                match edit {
-                    Edit::None => {}
-                    Edit::Delay { room, stamp } => {
-                        el.append_child(
-                            Element::builder("delay", NS_DELAY)
-                                .attr(n("from"), room.as_str())
-                                .attr(n("stamp"), crate::time::format_stamp(*stamp))
-                                .build(),
-                        );
-                    }
-                    Edit::OwnPresence { nick_differs } => {
-                        own_presence_for_join(&mut el, *nick_differs)
-                    }
+                if let Some(added) = edit.added_to_stanza() {
+                    el.append_child(added);
+                }
+                if edit.edits_own_presence() {
+                    own_presence_for_join(&mut el, edit);
                 }
                 Some(el)
             }
@@ -407,6 +436,8 @@ impl Host {
         let mut out = Outcome::handled(user);
         self.presence_seq += 1;
         let seq = self.presence_seq;
+        // The session's presence as the room would see it (made only where it is needed).
+        let own_presence = || presence::reduce(&el.xml(), seq);
         let Some(m) = self.membership_mut(user, room) else {
             // First join: the account joins. The membership is recorded before the join is
             // sent, because a MUC on this server answers while the join is being sent.
@@ -428,7 +459,7 @@ impl Host {
             }
             let mut m = Membership::new(room, nick, resource);
             m.password = el.join_password();
-            let presence = presence::reduce(&el.xml(), seq);
+            let presence = own_presence();
             m.shown = presence.as_ref().map(|p| p.xml.clone());
             m.participants[0].presence = presence;
             self.accounts
@@ -449,7 +480,7 @@ impl Host {
             (Phase::Leaving, _) => {
                 m.restart(nick, resource);
                 m.password = el.join_password();
-                let presence = presence::reduce(&el.xml(), seq);
+                let presence = own_presence();
                 m.shown = presence.as_ref().map(|p| p.xml.clone());
                 m.participants[0].presence = presence;
                 out.notes
@@ -462,7 +493,7 @@ impl Host {
                     // A nick change: the room answers with 303 and the new presence. It
                     // carries the account's presence, not just the asker's.
                     m.nick_change_by = Some(resource.to_owned());
-                    set_presence(m, resource, presence::reduce(&el.xml(), seq));
+                    set_presence(m, resource, own_presence());
                     let change = presence::aggregate(m).and_then(|best| {
                         let mut update = presence::update_for_room(best, room, nick)?;
                         if let Some(id) = head.id {
@@ -481,16 +512,16 @@ impl Host {
                     }
                 } else {
                     // A presence update: the room sees the account's aggregate only.
-                    set_presence(m, resource, presence::reduce(&el.xml(), seq));
+                    set_presence(m, resource, own_presence());
                     update_room_presence(m, &mut out);
                 }
             }
             (Phase::Joining, Some(false)) if !is_join => {
-                set_presence(m, resource, presence::reduce(&el.xml(), seq));
+                set_presence(m, resource, own_presence());
             }
             (Phase::Joined, _) => {
                 m.add(resource, true);
-                set_presence(m, resource, presence::reduce(&el.xml(), seq));
+                set_presence(m, resource, own_presence());
                 serve_join(m, resource, el, nick, now, &mut out);
                 served_locally = true;
                 update_room_presence(m, &mut out);
@@ -498,7 +529,7 @@ impl Host {
             (Phase::Joining, _) => {
                 // The account's join is in flight: replay what arrived, the rest follows.
                 m.add(resource, false);
-                set_presence(m, resource, presence::reduce(&el.xml(), seq));
+                set_presence(m, resource, own_presence());
                 for p in m.occupants.others(&m.nick) {
                     out.deliver(
                         resource,
@@ -1284,25 +1315,20 @@ fn serve_join(
     }
 }
 
-/// The account's self-presence as a later-joining session gets it: without "room created"
-/// (201), and with "nick assigned" (210) when the session asked for another nick.
-fn own_presence_for_join(p: &mut Element, nick_differs: bool) {
+/// The account's self-presence as a later-joining session gets it (see [`Edit`]).
+fn own_presence_for_join(p: &mut Element, edit: &Edit) {
     if let Some(x) = p.get_child_mut("x", NS_MUC_USER) {
         let kept: Vec<Element> = x
             .children()
-            .filter(|c| !(c.is("status", NS_MUC_USER) && c.attr("code") == Some("201")))
+            .filter(|c| !(c.is("status", NS_MUC_USER) && Edit::drops_own_status(c.attr("code"))))
             .cloned()
             .collect();
         let mut fresh = Element::builder("x", NS_MUC_USER).build();
         for c in kept {
             fresh.append_child(c);
         }
-        if nick_differs {
-            fresh.append_child(
-                Element::builder("status", NS_MUC_USER)
-                    .attr(n("code"), status::ASSIGNED_NICK.to_string())
-                    .build(),
-            );
+        if let Some(added) = edit.added_to_own_presence() {
+            fresh.append_child(added);
         }
         *x = fresh;
     }

@@ -23,9 +23,7 @@ use mlua::ffi::{self, lua_State};
 use xmpp_parsers::muc::muc::History as HistoryRequest;
 
 use crate::host::{Action, Edit, Host, Out, Outcome};
-use crate::stanza::{
-    Head, Kind, NS_CLIENT, NS_DELAY, NS_MUC, NS_MUC_USER, NS_STANZAS, Payload, n, status,
-};
+use crate::stanza::{Head, Kind, NS_CLIENT, NS_MUC, NS_MUC_USER, NS_STANZAS, Payload};
 
 /// Stanzas nested deeper than this are not serialized (they pass on untouched).
 const MAX_DEPTH: usize = 64;
@@ -657,7 +655,7 @@ impl<'x> KeptReader<'x> {
             };
             let ns: &str = if own_ns { &ns } else { parent_ns };
             // The edits of a later join, on the self-presence's muc#user payload.
-            let in_own_x = matches!(edit, Some(Edit::OwnPresence { .. }))
+            let in_own_x = edit.is_some_and(Edit::edits_own_presence)
                 && depth == 1
                 && name == "x"
                 && ns == NS_MUC_USER;
@@ -693,17 +691,8 @@ impl<'x> KeptReader<'x> {
                 }
             }
             let added = match edit {
-                Some(Edit::Delay { room, stamp }) if depth == 0 => Some(
-                    Element::builder("delay", NS_DELAY)
-                        .attr(n("from"), room.as_str())
-                        .attr(n("stamp"), crate::time::format_stamp(*stamp))
-                        .build(),
-                ),
-                Some(Edit::OwnPresence { nick_differs: true }) if in_own_x => Some(
-                    Element::builder("status", NS_MUC_USER)
-                        .attr(n("code"), status::ASSIGNED_NICK.to_string())
-                        .build(),
-                ),
+                Some(edit) if depth == 0 => edit.added_to_stanza(),
+                Some(edit) if in_own_x => edit.added_to_own_presence(),
                 _ => None,
             };
             if let Some(el) = &added {
@@ -757,7 +746,7 @@ impl<'x> KeptReader<'x> {
             Some(Parsed {
                 is_status_201: name == "status"
                     && ns == NS_MUC_USER
-                    && code.as_deref() == Some("201"),
+                    && Edit::drops_own_status(code.as_deref()),
             })
         }
     }
