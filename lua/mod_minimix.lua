@@ -168,9 +168,14 @@ local function first_line(err)
 	return (tostring(err):match("^[^\n]*"));
 end
 
-local function log_failure(stanza, err)
-	module:log("error", "mod_minimix failed on %s, passing it on untouched: %s",
+-- `what`: what failed, e.g. "on %s, passing it on untouched" (%s: the stanza's top tag).
+local function log_error(what, stanza, err)
+	module:log("error", "mod_minimix failed " .. what .. ": %s",
 		stanza and stanza:top_tag() or "an event", first_line(err));
+end
+
+local function log_failure(stanza, err)
+	log_error("on %s, passing it on untouched", stanza, err);
 end
 
 local function log_notes(notes)
@@ -195,7 +200,7 @@ local function finish(stanza, ok, handled, user, actions, notes, recipients, fla
 			if done then
 				stanza = copy;
 			else
-				module:log("error", "mod_minimix failed to archive %s: %s", stanza:top_tag(), first_line(copy));
+				log_error("to archive %s", stanza, copy);
 			end
 		end
 	end
@@ -204,7 +209,7 @@ local function finish(stanza, ok, handled, user, actions, notes, recipients, fla
 		stanza.attr.from = bare_jids[user];
 		local sent, err = pcall(module.send, module, stanza);
 		if not sent then
-			module:log("error", "mod_minimix failed while sending for %s: %s", stanza:top_tag(), first_line(err));
+			log_error("while sending for %s", stanza, err);
 		end
 	elseif recipients then
 		-- A fork: the stanza that came in, to each of these sessions.
@@ -219,8 +224,7 @@ local function finish(stanza, ok, handled, user, actions, notes, recipients, fla
 	elseif actions[1] then
 		local done, err = pcall(carry_out, user, actions, stanza);
 		if not done then
-			module:log("error", "mod_minimix failed while sending for %s: %s",
-				stanza and stanza:top_tag() or "an event", first_line(err));
+			log_error("while sending for %s", stanza, err);
 		end
 	end
 	if handled then return true; end
