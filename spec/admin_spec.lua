@@ -4,6 +4,7 @@
 -- packed rock). The install tests need luarocks (scripts/install-deps.sh installs it).
 local Server = require "spec.helpers.server"
 local Client = require "spec.helpers.client"
+local muc = require "spec.helpers.muc"
 local socket = require "socket"
 local http = require "socket.http"
 local ltn12 = require "ltn12"
@@ -66,25 +67,8 @@ local function close_all()
 	open_clients = {}
 end
 
-local function bare(jid)
-	return jid and jid:match("^[^/]+")
-end
-
-local function count(list, pred)
-	local n = 0
-	for _, el in ipairs(list) do
-		if pred(el) then n = n + 1 end
-	end
-	return n
-end
-
---- Self-presence (110) from `room`, of type `type` (nil: available).
-local function self_presence(room, type)
-	return function(el)
-		return el.name == "presence" and bare(el.attr.from) == room and el.attr.type == type
-			and Client.muc_status(el)[110] == true
-	end
-end
+local count = muc.count
+local self_presence = muc.self_presence
 
 local function settle(...)
 	Client.collect_all({ ... })

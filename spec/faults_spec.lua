@@ -5,22 +5,14 @@
 -- <fault xmlns='urn:xmpp:minimix:test-fault' kind='panic|lua-error'/>.
 local Server = require "spec.helpers.server"
 local Client = require "spec.helpers.client"
+local muc = require "spec.helpers.muc"
 
 local st = Client.stanza
 local ROOM = "faults@conference.localhost"
 local NS_FAULT = "urn:xmpp:minimix:test-fault"
 
-local function groupchat_with(body)
-	return function(el)
-		return el.name == "message" and el.attr.type == "groupchat" and Client.body(el) == body
-	end
-end
-
-local function count(list, pred)
-	local n = 0
-	for _, el in ipairs(list) do if pred(el) then n = n + 1 end end
-	return n
-end
+local groupchat_with = muc.groupchat
+local count = muc.count
 
 describe("a failure inside the module", function()
 	local srv, alice, bob

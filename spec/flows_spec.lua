@@ -4,32 +4,20 @@
 -- counted in the clients' logs after settle(), which waits until all of them are quiet.
 local Server = require "spec.helpers.server"
 local Client = require "spec.helpers.client"
+local muc = require "spec.helpers.muc"
 local st = Client.stanza
 
 local MUC = "conference.localhost"
 local ALICE = "alice@localhost"
 local NS_MUC_OWNER = "http://jabber.org/protocol/muc#owner"
 local NS_MUC_USER = "http://jabber.org/protocol/muc#user"
-local NS_STANZAS = "urn:ietf:params:xml:ns:xmpp-stanzas"
 local NS_DELAY = "urn:xmpp:delay"
 
 ---------------------------------------------------------------------------
 -- Helpers
 
-local open_clients = {}
-
-local function connect(srv, user, resource, opts)
-	local c = Client.connect{ port = srv.port, user = user, resource = resource, sm = opts and opts.sm }
-	open_clients[#open_clients + 1] = c
-	return c
-end
-
-local function close_all()
-	for _, c in ipairs(open_clients) do
-		if not c.closed then pcall(c.close, c) end
-	end
-	open_clients = {}
-end
+local clients = muc.clients()
+local connect, close_all = clients.connect, clients.close_all
 
 local function start(opts)
 	opts = opts or {}
@@ -38,17 +26,22 @@ local function start(opts)
 	return Server.start{ module = true, muc_options = muc_options, options = opts.options }
 end
 
-local function bare(jid)
-	return jid and jid:match("^[^/]+")
-end
-
-local function count(list, pred)
-	local n = 0
-	for _, el in ipairs(list) do
-		if pred(el) then n = n + 1 end
-	end
-	return n
-end
+local count = muc.count
+local from_room = muc.from_room
+local presence = muc.presence
+local self_presence = muc.self_presence
+local groupchat = muc.groupchat
+local subject_message = muc.subject_message
+local iq_reply = muc.iq_reply
+local is_iq = muc.is_iq
+local is_error = muc.is_error
+local error_condition = muc.error_condition
+local muc_item = muc.muc_item
+local join = muc.join
+local leave = muc.leave
+local configure = muc.configure
+local log_count = muc.log_count
+local no_tracebacks = muc.no_tracebacks
 
 local function index_of(list, pred)
 	for i, el in ipairs(list) do
@@ -56,50 +49,10 @@ local function index_of(list, pred)
 	end
 end
 
---- Wait until every given client is quiet (nothing for 0.3 s), emptying their inboxes.
-local function settle(...)
-	Client.collect_all({ ... })
-end
-
---- settle(), then forget what the clients received so far: counts start from here.
-local function fresh(...)
-	settle(...)
-	for _, c in ipairs({ ... }) do c.log = {} end
-end
+local settle = muc.settle
+local fresh = muc.fresh
 
 -- Predicates over received stanzas.
-
-local function from_room(room)
-	return function(el) return bare(el.attr.from) == room end
-end
-
---- Presence from `from` of type `type` (nil: available).
-local function presence(from, type)
-	return function(el)
-		return el.name == "presence" and el.attr.from == from and el.attr.type == type
-	end
-end
-
---- Self-presence (status 110) from any nick in `room`, of type `type` (nil: available).
-local function self_presence(room, type)
-	return function(el)
-		return el.name == "presence" and bare(el.attr.from) == room and el.attr.type == type
-			and Client.muc_status(el)[110] == true
-	end
-end
-
-local function groupchat(body)
-	return function(el)
-		return el.name == "message" and el.attr.type == "groupchat" and Client.body(el) == body
-	end
-end
-
-local function subject_message(room)
-	return function(el)
-		return el.name == "message" and bare(el.attr.from) == room and el:get_child("subject") ~= nil
-			and el:get_child("body") == nil
-	end
-end
 
 local function chat(body)
 	return function(el)
@@ -107,58 +60,12 @@ local function chat(body)
 	end
 end
 
-local function iq_reply(id)
-	return function(el)
-		return el.name == "iq" and el.attr.id == id and (el.attr.type == "result" or el.attr.type == "error")
-	end
-end
-
-local function is_iq(el) return el.name == "iq" end
-
-local function is_error(el) return el.attr.type == "error" end
-
---- The defined condition of an error stanza (e.g. "conflict"), or nil.
-local function error_condition(el)
-	local err = el:get_child("error")
-	for child in (err and err:childtags(nil, NS_STANZAS) or function() end) do
-		if child.name ~= "text" then return child.name end
-	end
-end
-
-local function muc_item(el)
-	local x = el:get_child("x", NS_MUC_USER)
-	return x and x:get_child("item")
-end
-
 -- Actions.
-
---- Join and wait for the self-presence (110); returns it.
-local function join(c, room_nick, opts)
-	c:send(Client.muc_join(room_nick, opts))
-	return assert(c:wait_for(self_presence(bare(room_nick))))
-end
 
 --- Join and wait for the error presence; returns it.
 local function join_error(c, room_nick, opts)
 	c:send(Client.muc_join(room_nick, opts))
 	return assert(c:wait_for(presence(room_nick, "error")))
-end
-
-local function leave(c, room_nick)
-	c:send(Client.muc_leave(room_nick))
-	return assert(c:wait_for(self_presence(bare(room_nick), "unavailable")))
-end
-
---- Submit a muc#owner configuration form with `fields` ({ var = value }); returns the reply.
-local function configure(c, room, fields)
-	local form = st.iq({ type = "set", to = room, id = Client.new_id() })
-		:tag("query", { xmlns = NS_MUC_OWNER })
-		:tag("x", { xmlns = "jabber:x:data", type = "submit" })
-		:tag("field", { var = "FORM_TYPE" }):text_tag("value", "http://jabber.org/protocol/muc#roomconfig"):up()
-	for var, value in pairs(fields or {}) do
-		form:tag("field", { var = var }):text_tag("value", value):up()
-	end
-	return assert(c:iq(form))
 end
 
 --- Send a groupchat message and wait until each of `recipients` has it.
@@ -180,15 +87,6 @@ local function answer_iq(c, ns, fill)
 	return req
 end
 
-local function log_count(srv, text)
-	local n, pos, log = 0, 1, srv:log()
-	while true do
-		local s, e = log:find(text, pos, true)
-		if not s then return n end
-		n, pos = n + 1, e + 1
-	end
-end
-
 --- Wait until `text` occurs in the server log more than `before` times.
 local function wait_log(srv, text, before, timeout)
 	local deadline = os.time() + (timeout or 10)
@@ -196,10 +94,6 @@ local function wait_log(srv, text, before, timeout)
 		assert(os.time() <= deadline, "timed out waiting for the log line: " .. text)
 		require "socket".sleep(0.05)
 	end
-end
-
-local function no_tracebacks(srv)
-	return function() assert.same({}, srv:tracebacks()) end
 end
 
 ---------------------------------------------------------------------------

@@ -1,22 +1,12 @@
 -- Proves the test harness itself against a real Prosody without mod_minimix loaded.
 local Server = require "spec.helpers.server"
 local Client = require "spec.helpers.client"
+local muc = require "spec.helpers.muc"
 
 local ROOM = "test@conference.localhost"
 
-local function count(list, pred)
-	local n = 0
-	for _, el in ipairs(list) do
-		if pred(el) then n = n + 1 end
-	end
-	return n
-end
-
-local function groupchat_with(body)
-	return function(el)
-		return el.name == "message" and el.attr.type == "groupchat" and Client.body(el) == body
-	end
-end
+local count = muc.count
+local groupchat_with = muc.groupchat
 
 local function self_presence_from(room_nick)
 	return function(el)

@@ -6,6 +6,7 @@
 -- in the clients' logs after settle(), which waits until all of them are quiet.
 local Server = require "spec.helpers.server"
 local Client = require "spec.helpers.client"
+local muc = require "spec.helpers.muc"
 local st = Client.stanza
 local socket = require "socket"
 
@@ -14,7 +15,6 @@ local ALICE = "alice@localhost"
 local NS_MUC_ADMIN = "http://jabber.org/protocol/muc#admin"
 local NS_MUC_OWNER = "http://jabber.org/protocol/muc#owner"
 local NS_MUC_USER = "http://jabber.org/protocol/muc#user"
-local NS_STANZAS = "urn:ietf:params:xml:ns:xmpp-stanzas"
 local NS_PUBSUB = "http://jabber.org/protocol/pubsub"
 local NS_BOOKMARKS = "urn:xmpp:bookmarks:1"
 local NS_MAM = "urn:xmpp:mam:2"
@@ -26,20 +26,8 @@ local NS_DELAY = "urn:xmpp:delay"
 ---------------------------------------------------------------------------
 -- Helpers
 
-local open_clients = {}
-
-local function connect(srv, user, resource)
-	local c = Client.connect{ port = srv.port, user = user, resource = resource }
-	open_clients[#open_clients + 1] = c
-	return c
-end
-
-local function close_all()
-	for _, c in ipairs(open_clients) do
-		if not c.closed then pcall(c.close, c) end
-	end
-	open_clients = {}
-end
+local clients = muc.clients()
+local connect, close_all = clients.connect, clients.close_all
 
 --- A server with the module, PEP, bookmarks, MAM and carbons; rooms unlocked on creation.
 local function start(options)
@@ -51,17 +39,21 @@ local function start(options)
 	}
 end
 
-local function bare(jid)
-	return jid and jid:match("^[^/]+")
-end
-
-local function count(list, pred)
-	local n = 0
-	for _, el in ipairs(list) do
-		if pred(el) then n = n + 1 end
-	end
-	return n
-end
+local bare = muc.bare
+local count = muc.count
+local from_room = muc.from_room
+local presence = muc.presence
+local self_presence = muc.self_presence
+local groupchat = muc.groupchat
+local subject_message = muc.subject_message
+local is_iq = muc.is_iq
+local error_condition = muc.error_condition
+local muc_item = muc.muc_item
+local join = muc.join
+local leave = muc.leave
+local configure = muc.configure
+local log_count = muc.log_count
+local no_tracebacks = muc.no_tracebacks
 
 local function find(list, pred)
 	for _, el in ipairs(list) do
@@ -69,53 +61,20 @@ local function find(list, pred)
 	end
 end
 
---- Wait until every given client is quiet (nothing for 0.3 s), emptying their inboxes.
-local function settle(...)
-	Client.collect_all({ ... })
-end
-
---- settle(), then forget what the clients received so far: counts start from here.
-local function fresh(...)
-	settle(...)
-	for _, c in ipairs({ ... }) do c.log = {} end
-end
+local settle = muc.settle
+local fresh = muc.fresh
 
 -- Predicates over received stanzas.
-
-local function from_room(room)
-	return function(el) return bare(el.attr.from) == room end
-end
-
---- Presence from `from` of type `type` (nil: available).
-local function presence(from, type)
-	return function(el)
-		return el.name == "presence" and el.attr.from == from and el.attr.type == type
-	end
-end
 
 --- Any presence from `from`, whatever its type.
 local function any_presence(from)
 	return function(el) return el.name == "presence" and el.attr.from == from end
 end
 
---- Self-presence (status 110) from any nick in `room`, of type `type` (nil: available).
-local function self_presence(room, type)
-	return function(el)
-		return el.name == "presence" and bare(el.attr.from) == room and el.attr.type == type
-			and Client.muc_status(el)[110] == true
-	end
-end
-
 --- Presence from `from` carrying MUC status `code`.
 local function with_status(from, code)
 	return function(el)
 		return el.name == "presence" and el.attr.from == from and Client.muc_status(el)[code] == true
-	end
-end
-
-local function groupchat(body)
-	return function(el)
-		return el.name == "message" and el.attr.type == "groupchat" and Client.body(el) == body
 	end
 end
 
@@ -132,52 +91,7 @@ local function carbon_of(body)
 	end
 end
 
-local function subject_message(room)
-	return function(el)
-		return el.name == "message" and bare(el.attr.from) == room and el:get_child("subject") ~= nil
-			and el:get_child("body") == nil
-	end
-end
-
-local function is_iq(el) return el.name == "iq" end
-
---- The defined condition of an error stanza (e.g. "conflict"), or nil.
-local function error_condition(el)
-	local err = el:get_child("error")
-	for child in (err and err:childtags(nil, NS_STANZAS) or function() end) do
-		if child.name ~= "text" then return child.name end
-	end
-end
-
-local function muc_item(el)
-	local x = el:get_child("x", NS_MUC_USER)
-	return x and x:get_child("item")
-end
-
 -- Actions.
-
---- Join and wait for the self-presence (110); returns it.
-local function join(c, room_nick, opts)
-	c:send(Client.muc_join(room_nick, opts))
-	return assert(c:wait_for(self_presence(bare(room_nick))))
-end
-
-local function leave(c, room_nick)
-	c:send(Client.muc_leave(room_nick))
-	return assert(c:wait_for(self_presence(bare(room_nick), "unavailable")))
-end
-
---- Submit a muc#owner configuration form with `fields` ({ var = value }); returns the reply.
-local function configure(c, room, fields)
-	local form = st.iq({ type = "set", to = room, id = Client.new_id() })
-		:tag("query", { xmlns = NS_MUC_OWNER })
-		:tag("x", { xmlns = "jabber:x:data", type = "submit" })
-		:tag("field", { var = "FORM_TYPE" }):text_tag("value", "http://jabber.org/protocol/muc#roomconfig"):up()
-	for var, value in pairs(fields or {}) do
-		form:tag("field", { var = var }):text_tag("value", value):up()
-	end
-	return assert(c:iq(form))
-end
 
 --- A muc#admin item change (kick: { nick =, role = "none" }; ban: { jid =, affiliation = "outcast" }).
 local function admin(c, room, item)
@@ -196,15 +110,6 @@ end
 -- The line the module logs when it is loaded (at start and on each reload).
 local LOADED = "\tinfo\tmod_minimix "
 
-local function log_count(srv, text)
-	local n, pos, log = 0, 1, srv:log()
-	while true do
-		local s, e = log:find(text, pos, true)
-		if not s then return n end
-		n, pos = n + 1, e + 1
-	end
-end
-
 --- Wait until `text` occurs in the server log more than `before` times.
 local function wait_log(srv, text, before, timeout)
 	local deadline = socket.gettime() + (timeout or 10)
@@ -212,10 +117,6 @@ local function wait_log(srv, text, before, timeout)
 		assert(socket.gettime() <= deadline, "timed out waiting for the log line: " .. text)
 		socket.sleep(0.05)
 	end
-end
-
-local function no_tracebacks(srv)
-	return function() assert.same({}, srv:tracebacks()) end
 end
 
 --- Publish a XEP-0402 bookmark for `room` with the options XEP-0402 asks for.

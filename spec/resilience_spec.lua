@@ -8,6 +8,7 @@
 -- MINIMIX_PLUGIN_PATH selects another build of the plugin.
 local Server = require "spec.helpers.server"
 local Client = require "spec.helpers.client"
+local muc = require "spec.helpers.muc"
 local PLUGIN_PATH = os.getenv("MINIMIX_PLUGIN_PATH") ~= "" and os.getenv("MINIMIX_PLUGIN_PATH") or nil
 local socket = require "socket"
 local st = Client.stanza
@@ -15,69 +16,24 @@ local st = Client.stanza
 local MUC = "conference.localhost"
 local NS_MUC_OWNER = "http://jabber.org/protocol/muc#owner"
 local NS_MUC_USER = "http://jabber.org/protocol/muc#user"
-local NS_STANZAS = "urn:ietf:params:xml:ns:xmpp-stanzas"
 local NS_FAULT = "urn:xmpp:minimix:test-fault"
 
 ---------------------------------------------------------------------------
 -- Helpers
 
-local function bare(jid)
-	return jid and jid:match("^[^/]+")
-end
+local bare = muc.bare
+local count = muc.count
+local error_condition = muc.error_condition
+local is_error = muc.is_error
+local self_presence = muc.self_presence
+local presence = muc.presence
+local groupchat = muc.groupchat
+local iq_reply = muc.iq_reply
+local join = muc.join
 
-local function count(list, pred)
-	local n = 0
-	for _, el in ipairs(list) do
-		if pred(el) then n = n + 1 end
-	end
-	return n
-end
+local settle = muc.settle_all
 
-local function error_condition(el)
-	local err = el:get_child("error")
-	for child in (err and err:childtags(nil, NS_STANZAS) or function() end) do
-		if child.name ~= "text" then return child.name end
-	end
-end
-
-local function is_error(el) return el.attr.type == "error" end
-
-local function self_presence(room, type)
-	return function(el)
-		return el.name == "presence" and bare(el.attr.from) == room and el.attr.type == type
-			and Client.muc_status(el)[110] == true
-	end
-end
-
-local function presence(from, type)
-	return function(el)
-		return el.name == "presence" and el.attr.from == from and el.attr.type == type
-	end
-end
-
-local function groupchat(body)
-	return function(el)
-		return el.name == "message" and el.attr.type == "groupchat" and Client.body(el) == body
-	end
-end
-
-local function iq_reply(id)
-	return function(el)
-		return el.name == "iq" and el.attr.id == id and (el.attr.type == "result" or el.attr.type == "error")
-	end
-end
-
-local function settle(list) Client.collect_all(list) end
-
-local function fresh(list)
-	settle(list)
-	for _, c in ipairs(list) do c.log = {} end
-end
-
-local function join(c, room_nick, opts)
-	c:send(Client.muc_join(room_nick, opts))
-	return assert(c:wait_for(self_presence(bare(room_nick))))
-end
+local fresh = muc.fresh_all
 
 local function say(sender, room, body, recipients)
 	sender:send(Client.groupchat(room, body))
