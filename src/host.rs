@@ -230,6 +230,19 @@ struct Counters {
     iqs_proxied: u64,
 }
 
+/// A stanza a session sent to a room or to one of its occupants, with what routing needs.
+#[derive(Clone, Copy)]
+struct ToRoom<'a> {
+    user: &'a str,
+    resource: &'a str,
+    head: &'a Head<'a>,
+    el: &'a dyn Payload,
+    room: &'a str,
+    /// The occupant's nick the stanza is addressed to, if any.
+    nick: Option<&'a str>,
+    now: i64,
+}
+
 pub struct Host {
     domain: String,
     config: Config,
@@ -312,31 +325,36 @@ impl Host {
         {
             panic!("deliberate test fault");
         }
+        let s = ToRoom {
+            user,
+            resource,
+            head: &head,
+            el,
+            room,
+            nick: to.resource,
+            now,
+        };
         match head.kind {
-            Kind::Presence => {
-                self.session_presence(user, resource, el, &head, room, to.resource, now)
-            }
+            Kind::Presence => self.session_presence(&s),
             Kind::Message => self.session_message(user, resource, &head, room),
-            Kind::Iq => self.session_iq(user, resource, el, &head, room, to.resource, now),
+            Kind::Iq => self.session_iq(&s),
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn session_presence(
-        &mut self,
-        user: &str,
-        resource: &str,
-        el: &dyn Payload,
-        head: &Head,
-        room: &str,
-        nick: Option<&str>,
-        now: i64,
-    ) -> Outcome {
+    fn session_presence(&mut self, s: &ToRoom) -> Outcome {
+        let ToRoom {
+            user,
+            resource,
+            head,
+            room,
+            nick,
+            ..
+        } = *s;
         let Some(nick) = nick else {
-            return self.session_presence_to_room(user, resource, el, head, room, now);
+            return self.session_presence_to_room(s);
         };
         match head.type_ {
-            None => self.session_available(user, resource, head, el, room, nick, now),
+            None => self.session_available(s, nick),
             Some("probe") => self.session_probe(user, resource, room, nick),
             Some("unavailable") => self.session_unavailable(user, resource, room),
             Some("error") => {
@@ -357,15 +375,15 @@ impl Host {
     /// A presence to the bare room JID. A join needs a nick (XEP-0045 §7.2.1); a joined
     /// session's presence there is a presence update, as Prosody's MUC takes it from an
     /// occupant; anything else is left to the room.
-    fn session_presence_to_room(
-        &mut self,
-        user: &str,
-        resource: &str,
-        el: &dyn Payload,
-        head: &Head,
-        room: &str,
-        now: i64,
-    ) -> Outcome {
+    fn session_presence_to_room(&mut self, s: &ToRoom) -> Outcome {
+        let ToRoom {
+            user,
+            resource,
+            head,
+            el,
+            room,
+            ..
+        } = *s;
         if head.type_.is_some() {
             return Outcome::pass();
         }
@@ -384,7 +402,7 @@ impl Host {
         match self.membership(user, room) {
             Some(m) if m.phase == Phase::Joined && m.is_joined_session(resource) => {
                 let nick = m.nick.clone();
-                self.session_available(user, resource, head, el, room, &nick, now)
+                self.session_available(s, &nick)
             }
             _ => Outcome::pass(),
         }
@@ -420,17 +438,17 @@ impl Host {
         out
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn session_available(
-        &mut self,
-        user: &str,
-        resource: &str,
-        head: &Head,
-        el: &dyn Payload,
-        room: &str,
-        nick: &str,
-        now: i64,
-    ) -> Outcome {
+    /// An available presence to R/`nick` (a join, an update or a nick change).
+    fn session_available(&mut self, s: &ToRoom, nick: &str) -> Outcome {
+        let ToRoom {
+            user,
+            resource,
+            head,
+            el,
+            room,
+            now,
+            ..
+        } = *s;
         let is_join = el.has_child("x", NS_MUC);
         let max_rooms = self.config.max_rooms;
         let mut out = Outcome::handled(user);
@@ -590,17 +608,16 @@ impl Host {
         out
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn session_iq(
-        &mut self,
-        user: &str,
-        resource: &str,
-        el: &dyn Payload,
-        head: &Head,
-        room: &str,
-        nick: Option<&str>,
-        now: i64,
-    ) -> Outcome {
+    fn session_iq(&mut self, s: &ToRoom) -> Outcome {
+        let ToRoom {
+            user,
+            resource,
+            head,
+            el,
+            room,
+            nick,
+            now,
+        } = *s;
         let (timeout, limit) = (self.config.iq_timeout, self.config.max_pending_iqs);
         let Some(account) = self.accounts.get_mut(user) else {
             return Outcome::pass();
