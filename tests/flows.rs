@@ -8,8 +8,10 @@
 //! shorthands: `$R` the room, `$A` the account, `$MUC`, `$MU` (muc#user) and `$ST` (stanza
 //! error) namespaces. Action descriptions shorten the room to `R` and the account to `A`.
 
+mod common;
+
 use minidom::Element;
-use minimix::host::{Action, Config, Host, Out, Outcome};
+use minimix::host::{Config, Host, Outcome};
 use minimix::stanza::{self, NS_CLIENT, NS_DELAY, NS_STANZAS};
 use minimix::time::format_stamp;
 
@@ -115,30 +117,10 @@ impl Seen {
             acts: Vec::new(),
             stanzas: Vec::new(),
         };
-        for a in &o.actions {
-            let (resource, out) = match a {
-                Action::Deliver { resource, stanza } => (Some(resource.to_string()), stanza),
-                Action::Send { stanza } => (None, stanza),
-            };
-            let mut e = match out {
-                Out::Original { id } => {
-                    let mut e = incoming.clone();
-                    if let Some(id) = id {
-                        stanza::set_attr(&mut e, "id", id);
-                    }
-                    e
-                }
-                made => made.to_element().expect("a kept stanza parses"),
-            };
+        for (resource, e) in common::leaving(o, incoming, ACCOUNT) {
             match &resource {
-                Some(r) => {
-                    stanza::set_attr(&mut e, "to", &format!("{ACCOUNT}/{r}"));
-                    seen.acts.push(format!("{r} <- {}", describe(&e, false)));
-                }
-                None => {
-                    stanza::set_attr(&mut e, "from", ACCOUNT);
-                    seen.acts.push(format!("send {}", describe(&e, true)));
-                }
+                Some(r) => seen.acts.push(format!("{r} <- {}", describe(&e, false))),
+                None => seen.acts.push(format!("send {}", describe(&e, true))),
             }
             seen.stanzas.push((resource, e));
         }
