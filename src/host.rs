@@ -66,7 +66,7 @@ pub enum Edit {
     None,
     /// A history message without a delay of its own: add one from the room.
     Delay {
-        room: String,
+        room: Rc<str>,
         stamp: i64,
     },
     /// The account's self-presence: drop "room created" (201); add "nick assigned" (210)
@@ -82,7 +82,7 @@ impl Edit {
         match self {
             Edit::Delay { room, stamp } => Some(
                 Element::builder("delay", NS_DELAY)
-                    .attr(n("from"), room.as_str())
+                    .attr(n("from"), &**room)
                     .attr(n("stamp"), crate::time::format_stamp(*stamp))
                     .build(),
             ),
@@ -156,6 +156,14 @@ pub struct Outcome {
     /// The stanza that came in is a live groupchat message for the account's own archive
     /// (stored once, before it is forked).
     pub archive: bool,
+    /// Rooms of `user` whose participating sessions (joined or joining) may have changed,
+    /// the membership's end included. The bridge keeps its index of the rooms each session
+    /// is in (the shim's fast path for what sessions send) from these: see
+    /// [`Host::participants_of`].
+    pub changed_rooms: Vec<String>,
+    /// The deliveries are the fork to every session taking part in this room, in order
+    /// (so the bridge can hand out the list of them it keeps).
+    pub fork_of: Option<Rc<str>>,
 }
 
 impl Outcome {
@@ -184,12 +192,22 @@ impl Outcome {
 
     /// The stanza that came in, to every session of `m` that joined or is joining.
     fn fork(&mut self, m: &Membership) {
+        if self.actions.is_empty() {
+            self.fork_of = Some(m.room.clone());
+        }
         self.actions.reserve(m.participants.len());
         for p in &m.participants {
             self.actions.push(Action::Deliver {
                 resource: p.resource.clone(),
                 stanza: Out::Original { id: None },
             });
+        }
+    }
+
+    /// The sessions taking part in `room` may have changed.
+    fn participants_changed(&mut self, room: &str) {
+        if !self.changed_rooms.iter().any(|r| r == room) {
+            self.changed_rooms.push(room.to_owned());
         }
     }
 
@@ -485,6 +503,7 @@ impl Host {
                 .or_default()
                 .rooms
                 .insert(room.to_owned(), m);
+            out.participants_changed(room);
             out.notes.push(format!(
                 "{user} joins {room} as {nick} (first session {resource})"
             ));
@@ -497,6 +516,7 @@ impl Host {
         match (m.phase, participant) {
             (Phase::Leaving, _) => {
                 m.restart(nick, resource);
+                out.participants_changed(room);
                 m.password = el.join_password();
                 let presence = own_presence();
                 m.shown = presence.as_ref().map(|p| p.xml.clone());
@@ -539,6 +559,7 @@ impl Host {
             }
             (Phase::Joined, _) => {
                 m.add(resource, true);
+                out.participants_changed(room);
                 set_presence(m, resource, own_presence());
                 serve_join(m, resource, el, nick, now, &mut out);
                 served_locally = true;
@@ -547,6 +568,7 @@ impl Host {
             (Phase::Joining, _) => {
                 // The account's join is in flight: replay what arrived, the rest follows.
                 m.add(resource, false);
+                out.participants_changed(room);
                 set_presence(m, resource, own_presence());
                 for p in m.occupants.others(&m.nick) {
                     out.deliver(
@@ -577,6 +599,7 @@ impl Host {
             return Outcome::pass();
         }
         let mut out = Outcome::handled(user);
+        out.participants_changed(room);
         if m.participants.is_empty() {
             // The last session leaves: the account leaves; the room's answer goes to it.
             m.phase = Phase::Leaving;
@@ -750,6 +773,7 @@ impl Host {
                         el.error_condition().as_deref().unwrap_or("error")
                     ));
                     account.rooms.remove(room);
+                    out.participants_changed(room);
                     out.persist = true;
                     drop_empty(&mut self.accounts, user);
                 }
@@ -758,6 +782,7 @@ impl Host {
                         out.deliver_original(r);
                     }
                     account.rooms.remove(room);
+                    out.participants_changed(room);
                     out.persist = true;
                     drop_empty(&mut self.accounts, user);
                 }
@@ -849,6 +874,7 @@ impl Host {
             }
             if m.phase == Phase::Leaving {
                 account.rooms.remove(room);
+                out.participants_changed(room);
                 out.persist = true;
                 drop_empty(&mut self.accounts, user);
                 out.notes.push(format!("{user} left {room}"));
@@ -861,6 +887,7 @@ impl Host {
         out.notes
             .push(format!("{user} was removed from {room} (status {codes:?})"));
         account.rooms.remove(room);
+        out.participants_changed(room);
         out.persist = true;
         drop_empty(&mut self.accounts, user);
         out
@@ -938,6 +965,7 @@ impl Host {
                         "{user} is no longer in {room} (self-ping answered with an error)"
                     ));
                     account.rooms.remove(room);
+                    out.participants_changed(room);
                     out.persist = true;
                 }
                 out.deliver(&pending.resource, Out::Original { id: pending.id });
@@ -981,7 +1009,11 @@ impl Host {
             ..Outcome::default()
         };
         for m in account.rooms.values_mut() {
-            if !m.remove(resource) || m.phase == Phase::Leaving {
+            if !m.remove(resource) {
+                continue;
+            }
+            out.participants_changed(&m.room);
+            if m.phase == Phase::Leaving {
                 continue;
             }
             // The account stays in the room, also when no session is left.
@@ -1129,6 +1161,7 @@ impl Host {
         m.phase = Phase::Leaving;
         let resources: Vec<String> = m.recipients().map(str::to_owned).collect();
         m.participants.clear();
+        out.participants_changed(room);
         for r in resources {
             if !m.leave_waiters.contains(&r) {
                 m.leave_waiters.push(r);
@@ -1152,7 +1185,7 @@ impl Host {
                 a.rooms
                     .values()
                     .filter(|m| m.phase != Phase::Leaving)
-                    .map(|m| (m.room.clone(), m.nick.clone(), m.password.clone()))
+                    .map(|m| (m.room.to_string(), m.nick.clone(), m.password.clone()))
                     .collect()
             })
             .unwrap_or_default();
@@ -1170,6 +1203,13 @@ impl Host {
         self.accounts.get_mut(user)?.rooms.get_mut(room)
     }
 
+    /// The sessions of `user` taking part in `room` (joined or joining), oldest first.
+    pub fn participants_of(&self, user: &str, room: &str) -> Vec<Rc<str>> {
+        self.membership(user, room).map_or_else(Vec::new, |m| {
+            m.participants.iter().map(|p| p.resource.clone()).collect()
+        })
+    }
+
     /// Rooms of an account with the account's nick and joined sessions, sorted by room.
     pub fn memberships_of(&self, user: &str) -> Vec<(String, String, Vec<String>)> {
         let mut v: Vec<_> = self
@@ -1185,7 +1225,7 @@ impl Host {
                             .filter(|p| p.joined)
                             .map(|p| p.resource.to_string())
                             .collect();
-                        (m.room.clone(), m.nick.clone(), sessions)
+                        (m.room.to_string(), m.nick.clone(), sessions)
                     })
                     .collect()
             })
@@ -1324,7 +1364,7 @@ fn serve_join(
             Out::New(
                 Element::builder("message", NS_CLIENT)
                     .attr(n("type"), "groupchat")
-                    .attr(n("from"), m.room.as_str())
+                    .attr(n("from"), &*m.room)
                     .append(Element::bare("subject", NS_CLIENT))
                     .build(),
             ),

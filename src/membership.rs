@@ -29,7 +29,7 @@ pub struct Participant {
 
 #[derive(Debug)]
 pub struct Membership {
-    pub room: String,
+    pub room: Rc<str>,
     /// The account's nick in the room, as the room last confirmed it (or asked, while joining).
     pub nick: String,
     pub phase: Phase,
@@ -59,7 +59,7 @@ pub struct Membership {
 impl Membership {
     pub fn new(room: &str, nick: &str, first: &str) -> Membership {
         Membership {
-            room: room.to_owned(),
+            room: room.into(),
             nick: nick.to_owned(),
             phase: Phase::Joining,
             complete: false,
@@ -98,7 +98,7 @@ impl Membership {
     pub fn restart(&mut self, nick: &str, first: &str) {
         let waiters = std::mem::take(&mut self.leave_waiters);
         let password = self.password.take();
-        *self = Membership::new(&self.room, nick, first);
+        *self = Membership::new(&self.room.clone(), nick, first);
         self.leave_waiters = waiters;
         self.password = password;
     }

@@ -34,6 +34,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
+use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use minidom::Element;
@@ -1388,6 +1389,9 @@ struct World {
     touched: BTreeSet<usize>,
     /// One line per action of the current event, for failure messages.
     acts: Vec<String>,
+    /// The sessions taking part in each room as the bridge's index would have them: kept
+    /// only from the rooms each outcome says changed (`Outcome::changed_rooms`).
+    index: BTreeMap<(String, String), Vec<Rc<str>>>,
 }
 
 macro_rules! ensure {
@@ -1469,6 +1473,7 @@ impl World {
             iqs: Vec::new(),
             touched: BTreeSet::new(),
             acts: Vec::new(),
+            index: BTreeMap::new(),
         }
     }
 
@@ -1530,6 +1535,20 @@ impl World {
         if o.handled || !o.actions.is_empty() {
             self.acts
                 .push(format!("(handled={}, user={:?})", o.handled, o.user));
+        }
+        if !o.changed_rooms.is_empty() {
+            let Some(user) = o.user.as_deref() else {
+                return Err(TestCaseError::fail("rooms changed for no account"));
+            };
+            for room in &o.changed_rooms {
+                let key = (user.to_owned(), room.clone());
+                let now = self.host.participants_of(user, room);
+                if now.is_empty() {
+                    self.index.remove(&key);
+                } else {
+                    self.index.insert(key, now);
+                }
+            }
         }
         Ok(v)
     }
@@ -1755,6 +1774,29 @@ impl World {
                     (room.jid().to_owned(), m.nick.clone(), sessions)
                 })
                 .collect();
+            // Every change of who takes part was announced: the index kept from the
+            // announcements is the host's state.
+            for room in [
+                Room::R1,
+                Room::R2,
+                Room::R3,
+                Room::Irc,
+                Room::Local,
+                Room::Service,
+            ] {
+                let now = self.host.participants_of(name, room.jid());
+                let indexed = self
+                    .index
+                    .get(&((*name).to_owned(), room.jid().to_owned()))
+                    .cloned()
+                    .unwrap_or_default();
+                ensure!(
+                    self,
+                    now == indexed,
+                    "{name}'s sessions in {}: host {now:?}, index from the changes {indexed:?}",
+                    room.jid()
+                );
+            }
             let mut actual = self.host.memberships_of(name);
             for (_, _, sessions) in &mut actual {
                 sessions.sort();
@@ -3405,6 +3447,7 @@ impl World {
         self.acts.clear();
         let stored: Vec<_> = USERS.iter().map(|u| self.host.persisted(u)).collect();
         self.host = Host::new(DOMAIN, config());
+        self.index.clear();
         self.rooms.clear();
         self.touched.clear();
         for i in self.iqs.iter_mut() {
