@@ -25,7 +25,7 @@ local NS_TEST_FAULT = "urn:xmpp:minimix:test-fault";
 local NS_STANZA_ID = "urn:xmpp:sid:0";
 local NS_BOOKMARKS = "urn:xmpp:bookmarks:1";
 local OP_DELIVER, OP_SEND = 1, 2;
-local FLAG_PERSIST, FLAG_ARCHIVE, FLAG_SEND_ORIGINAL = 1, 2, 4;
+local FLAG_PERSIST, FLAG_ARCHIVE, FLAG_SEND_ORIGINAL, FLAG_ONE_SESSION = 1, 2, 4, 8;
 
 local host = module.host;
 local full_sessions = prosody.full_sessions;
@@ -77,8 +77,10 @@ local archive_setting = module:get_option_boolean("minimix_archive", nil);
 local bookmarks_setting = module:get_option_boolean("minimix_bookmarks", true);
 
 -- `core` holds this host's state and its admin methods; `room_event`, `session_event`
--- and `control` are its entry points (C functions over the same state).
-local core, room_event, session_event, control = minimix.new(host, config, st.stanza_mt);
+-- and `control` are its entry points (C functions over the same state). `session_rooms`
+-- is the core's index of the rooms each session takes part in,
+-- `session_rooms[full_jid][room] == true`, kept up to date by the core and only read here.
+local core, room_event, session_event, control, session_rooms = minimix.new(host, config, st.stanza_mt);
 
 -- Memberships survive restarts: per account, { [room] = { nick = …, password = … } }.
 local store = module:open_store("minimix");
@@ -162,6 +164,17 @@ local function carry_out(user, actions, stanza)
 	end
 end
 
+-- `stanzas` (false: the stanza that came in), in order, to the session `full`.
+local function deliver_all(full, stanzas, stanza)
+	local session = full_sessions[full];
+	if not session then return; end
+	for i = 1, #stanzas do
+		local out = stanzas[i] or stanza;
+		out.attr.to = full;
+		session.send(out);
+	end
+end
+
 -- The first line of an error: errors from the core carry a Lua stack trace that says
 -- nothing more to an admin than the first line does.
 local function first_line(err)
@@ -180,6 +193,16 @@ end
 
 local function log_notes(notes)
 	for _, note in ipairs(notes) do module:log("info", "%s", note); end
+end
+
+-- What a session sends to a room it takes part in goes out from the account.
+local function send_from_account(stanza, user)
+	stanza.attr.from = bare_jids[user];
+	local sent, err = pcall(module.send, module, stanza);
+	if not sent then
+		log_error("while sending for %s", stanza, err);
+	end
+	return true;
 end
 
 -- Carries out what the core decided. The core answers
@@ -205,10 +228,10 @@ local function finish(stanza, ok, handled, user, actions, notes, recipients, fla
 		end
 	end
 	if flags & FLAG_SEND_ORIGINAL ~= 0 then
-		-- What a joined session sends to its room goes out from the account.
-		stanza.attr.from = bare_jids[user];
-		local sent, err = pcall(module.send, module, stanza);
-		if not sent then
+		send_from_account(stanza, user);
+	elseif flags & FLAG_ONE_SESSION ~= 0 then
+		local done, err = pcall(deliver_all, recipients, actions, stanza);
+		if not done then
 			log_error("while sending for %s", stanza, err);
 		end
 	elseif recipients then
@@ -238,13 +261,26 @@ local function test_fault(stanza)
 	end
 end
 
+local test_faults = config.test_faults;
+
 -- A stanza one of this host's client sessions sends (a presence without `to` is the
--- session's broadcast presence, which the room sees through the account).
+-- session's broadcast presence, which the room sees through the account). A message to
+-- the bare JID of a room the session takes part in (groupchat, the most frequent) goes out
+-- from the account without a call into the core, as the index says; the core would decide
+-- the same, and drops error messages, which would make the room kick the account.
 local function from_session(event)
 	local origin, stanza = event.origin, event.stanza;
 	if origin.type ~= "c2s" or origin.host ~= host or not origin.resource then return; end
-	if not stanza.attr.to and stanza.name ~= "presence" then return; end
-	if config.test_faults then
+	local to = stanza.attr.to;
+	if not to then
+		if stanza.name ~= "presence" then return; end
+	elseif stanza.name == "message" and not test_faults then
+		local rooms = session_rooms[origin.full_jid];
+		if rooms and rooms[to] and stanza.attr.type ~= "error" then
+			return send_from_account(stanza, origin.username);
+		end
+	end
+	if test_faults then
 		local ok, err = pcall(test_fault, stanza);
 		if not ok then
 			log_failure(stanza, err);
@@ -327,12 +363,15 @@ end
 local reloaded = false;
 
 function module.save()
-	return { core = core, room_event = room_event, session_event = session_event, control = control };
+	return { core = core, room_event = room_event, session_event = session_event, control = control,
+		session_rooms = session_rooms };
 end
 
 function module.restore(saved)
-	if saved and saved.core and saved.room_event and saved.session_event and saved.control then
+	if saved and saved.core and saved.room_event and saved.session_event and saved.control
+		and saved.session_rooms then
 		core, room_event, session_event, control = saved.core, saved.room_event, saved.session_event, saved.control;
+		session_rooms = saved.session_rooms;
 		reloaded = true;
 	end
 end

@@ -579,6 +579,18 @@ describe("mod_minimix", function()
 			settle(bob, phone, laptop)
 			assert.equal(1, count(laptop.log, groupchat("after phone left")))
 			assert.equal(0, count(phone.log, from_room(ROOM)))
+
+			-- What phone sends to the room now goes out as its own again: the room refuses
+			-- a non-occupant and nobody sees it.
+			fresh(bob, phone, laptop)
+			phone:send(Client.groupchat(ROOM, "from a leaver"))
+			local refused = assert(phone:wait_for(function(el)
+				return el.name == "message" and is_error(el)
+			end))
+			assert.equal("not-acceptable", error_condition(refused))
+			settle(bob, phone, laptop)
+			assert.equal(0, count(bob.log, groupchat("from a leaver")))
+			assert.equal(0, count(laptop.log, groupchat("from a leaver")))
 		end)
 
 		it("leaves no errors in the log", function() no_tracebacks(srv)() end)
@@ -680,6 +692,19 @@ describe("mod_minimix", function()
 			assert.equal(0, count(laptop.log, from_room(ROOM)))
 			assert.equal(0, count(tablet.log, from_room(ROOM)))
 			assert.equal("result", assert(phone:iq(Client.ping(ROOM .. "/Alice"))).attr.type)
+
+			-- What a new session on an old resource sends to the room is its own: the room
+			-- refuses a non-occupant; what phone sends goes out from the account.
+			fresh(bob, phone, laptop, tablet)
+			laptop:send(Client.groupchat(ROOM, "from a new laptop"))
+			local refused = assert(laptop:wait_for(function(el)
+				return el.name == "message" and is_error(el)
+			end))
+			assert.equal("not-acceptable", error_condition(refused))
+			say(phone, ROOM, "from phone", { bob, phone })
+			settle(bob, phone, laptop, tablet)
+			assert.equal(0, count(bob.log, groupchat("from a new laptop")))
+			assert.equal(1, count(bob.log, groupchat("from phone")))
 		end)
 
 		it("leaves no errors in the log", function() no_tracebacks(srv)() end)

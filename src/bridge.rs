@@ -81,7 +81,8 @@ impl UserData for HostHandle {
     }
 }
 
-/// `minimix.new(host, config, stanza_mt)` → `core, room_event, session_event, control`.
+/// `minimix.new(host, config, stanza_mt)` →
+/// `core, room_event, session_event, control, session_rooms`.
 pub fn exports(lua: &Lua) -> LuaResult<Table> {
     let t = lua.create_table()?;
     t.raw_set(
@@ -90,7 +91,8 @@ pub fn exports(lua: &Lua) -> LuaResult<Table> {
             let core = Host::new(&host, config_from_lua(&config)?);
             let shared = RefCell::new(None);
             // SAFETY: `raw::open` gets the stack mlua prepared, with `stanza_mt` at 1.
-            let (_, room_event, session_event, control): (Table, Function, Function, Function) = unsafe {
+            type Made = (Table, Function, Function, Function, Table);
+            let (_, room_event, session_event, control, session_rooms): Made = unsafe {
                 lua.exec_raw(stanza_mt, |l| {
                     *shared.borrow_mut() = Some(raw::open(l, core, 1));
                 })?
@@ -98,7 +100,13 @@ pub fn exports(lua: &Lua) -> LuaResult<Table> {
             let shared = shared
                 .into_inner()
                 .ok_or_else(|| mlua::Error::runtime("mod_minimix: no state was made"))?;
-            Ok((HostHandle { shared }, room_event, session_event, control))
+            Ok((
+                HostHandle { shared },
+                room_event,
+                session_event,
+                control,
+                session_rooms,
+            ))
         })?,
     )?;
     t.raw_set("version", env!("CARGO_PKG_VERSION"))?;

@@ -13,6 +13,7 @@
 
 use std::borrow::Cow;
 use std::cell::RefCell;
+use std::collections::HashMap;
 use std::ffi::{CStr, c_int, c_void};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::rc::Rc;
@@ -30,6 +31,9 @@ const MAX_DEPTH: usize = 64;
 
 /// Flags beside persist (1) and archive (2): send the stanza that came in from the account.
 const FLAG_SEND_ORIGINAL: ffi::lua_Integer = 4;
+/// `actions` is a plain list of stanzas, all for the one session whose full JID is in
+/// `recipients` (a later join served locally).
+const FLAG_ONE_SESSION: ffi::lua_Integer = 8;
 
 const OP_DELIVER: i64 = 1;
 const OP_SEND: i64 = 2;
@@ -46,11 +50,31 @@ pub struct Shared {
     /// Registry reference to Prosody's `util.stanza` metatable.
     stanza_mt: c_int,
     memo: RefCell<Option<Memo>>,
+    /// Registry reference to the session index the shim reads:
+    /// `index[full_jid] = { [room] = true, … }` for every session taking part in a room
+    /// (joined or joining). It lets the shim send a joined session's groupchat from the
+    /// account without a call into the core; only this file writes it, from the rooms each
+    /// outcome says changed.
+    session_rooms: c_int,
+    /// What the index holds, by account and room (to update it by difference), with the
+    /// list of full JIDs that forks of the room go to.
+    indexed: RefCell<Indexed>,
+}
+
+type Indexed = HashMap<String, HashMap<String, IndexedRoom>>;
+
+/// The sessions of one account taking part in one room.
+struct IndexedRoom {
+    sessions: Vec<Rc<str>>,
+    /// Registry reference to a Lua list of their full JIDs, handed to the shim for every
+    /// fork of the room. Never changed once made (a change makes a new list), so a list
+    /// the shim is still going through stays as it was.
+    list: c_int,
 }
 
 #[derive(Default)]
 struct JidCache {
-    refs: std::collections::HashMap<*const u8, (Rc<str>, c_int)>,
+    refs: HashMap<*const u8, (Rc<str>, c_int)>,
     inserts: usize,
 }
 
@@ -104,12 +128,16 @@ unsafe fn new_shared(l: *mut lua_State, host: Host, mt_index: c_int) -> Rc<Share
     unsafe {
         ffi::lua_pushvalue(l, mt_index);
         let stanza_mt = ffi::luaL_ref(l, ffi::LUA_REGISTRYINDEX);
+        ffi::lua_createtable(l, 0, 0);
+        let session_rooms = ffi::luaL_ref(l, ffi::LUA_REGISTRYINDEX);
         Rc::new(Shared {
             domain: host.domain().to_owned(),
             full_jids: RefCell::new(JidCache::default()),
             host: RefCell::new(host),
             stanza_mt,
             memo: RefCell::new(None),
+            session_rooms,
+            indexed: RefCell::new(HashMap::new()),
         })
     }
 }
@@ -719,7 +747,9 @@ impl<'x> KeptReader<'x> {
             push_str(l, name);
             ffi::lua_setfield(l, t, c"name".as_ptr());
             let with_xmlns = depth > 0 && ns != parent_ns;
-            ffi::lua_createtable(l, 0, pending.len() as c_int + c_int::from(with_xmlns));
+            // The top element gets its `to` when it is sent: room for it from the start.
+            let extra = c_int::from(with_xmlns) + c_int::from(depth == 0);
+            ffi::lua_createtable(l, 0, pending.len() as c_int + extra);
             if with_xmlns {
                 push_str(l, ns);
                 ffi::lua_setfield(l, -2, c"xmlns".as_ptr());
@@ -779,7 +809,9 @@ unsafe fn push_kept(l: *mut lua_State, xml: &str, edit: &Edit, mt: c_int) -> Opt
 /// A plain fork comes as `recipients` instead (and `actions` nil): the full JIDs to give
 /// the stanza that came in to. `flags`: 1 = store the account's memberships again,
 /// 2 = archive the stanza that came in for the account (before forking it), 4 = send the
-/// stanza that came in from the account (and `actions` is nil).
+/// stanza that came in from the account (and `actions` is nil), 8 = `actions` is a plain
+/// list of stanzas (false: the one that came in), all for the session whose full JID
+/// `recipients` is.
 unsafe fn push_outcome(l: *mut lua_State, shared: &Shared, out: Outcome) -> Result<c_int, String> {
     unsafe {
         if !out.handled && out.notes.is_empty() && out.actions.is_empty() && !out.persist {
@@ -824,6 +856,19 @@ unsafe fn push_outcome(l: *mut lua_State, shared: &Shared, out: Outcome) -> Resu
         {
             ffi::lua_pushnil(l);
             push_notes(l, &out.notes);
+            // A fork to every session in the room: the list kept for it. (When this event
+            // changed who takes part, the deliveries may be to those before the change.)
+            let kept_list = match &out.fork_of {
+                Some(room) if out.changed_rooms.is_empty() => {
+                    fork_list(shared, user, room, out.actions.len())
+                }
+                _ => None,
+            };
+            if let Some(list) = kept_list {
+                ffi::lua_rawgeti(l, ffi::LUA_REGISTRYINDEX, list as ffi::lua_Integer);
+                ffi::lua_pushinteger(l, flags);
+                return Ok(6);
+            }
             ffi::lua_createtable(l, out.actions.len() as c_int, 0);
             let mut cache = shared.full_jids.borrow_mut();
             for (k, action) in out.actions.iter().enumerate() {
@@ -833,6 +878,58 @@ unsafe fn push_outcome(l: *mut lua_State, shared: &Shared, out: Outcome) -> Resu
                 }
             }
             ffi::lua_pushinteger(l, flags);
+            return Ok(6);
+        }
+        // Everything to one session (a later join served locally, its leave): a plain list
+        // of stanzas and the session's full JID.
+        if let (
+            Some(user),
+            Some(Action::Deliver {
+                resource: first, ..
+            }),
+        ) = (&out.user, out.actions.first())
+            && out.actions.iter().all(|a| match a {
+                Action::Deliver { resource, stanza } => {
+                    resource == first && !matches!(stanza, Out::Original { id: Some(_) })
+                }
+                Action::Send { .. } => false,
+            })
+        {
+            ffi::lua_createtable(l, out.actions.len() as c_int, 0);
+            let list = ffi::lua_gettop(l);
+            let mut k = 0;
+            let mut skipped = 0;
+            for action in &out.actions {
+                let Action::Deliver { stanza, .. } = action else {
+                    continue;
+                };
+                let pushed = match stanza {
+                    Out::Original { .. } => {
+                        ffi::lua_pushboolean(l, 0);
+                        true
+                    }
+                    Out::New(el) => {
+                        push_element(l, el, NS_CLIENT, true, shared.stanza_mt);
+                        true
+                    }
+                    Out::Kept { xml, edit } => push_kept(l, xml, edit, shared.stanza_mt).is_some(),
+                };
+                if pushed {
+                    k += 1;
+                    ffi::lua_rawseti(l, list, k);
+                } else {
+                    skipped += 1;
+                }
+            }
+            let mut notes = out.notes;
+            if skipped > 0 {
+                notes.push(format!(
+                    "{skipped} kept stanza(s) did not parse and were not sent"
+                ));
+            }
+            push_notes(l, &notes);
+            push_str(l, &format!("{user}@{}/{first}", shared.domain));
+            ffi::lua_pushinteger(l, flags | FLAG_ONE_SESSION);
             return Ok(6);
         }
         ffi::lua_createtable(l, (out.actions.len() * 4) as c_int, 0);
@@ -901,6 +998,116 @@ unsafe fn push_notes(l: *mut lua_State, notes: &[String]) {
 }
 
 // ---------------------------------------------------------------------------------------
+// The session index.
+
+/// Set (`on`) or clear `index[full][room]` in the index table at `index`; a session left
+/// with no room is dropped from the index.
+unsafe fn index_set(l: *mut lua_State, index: c_int, full: &str, room: &str, on: bool) {
+    unsafe {
+        push_str(l, full);
+        let key = ffi::lua_gettop(l);
+        ffi::lua_pushvalue(l, key);
+        if ffi::lua_rawget(l, index) != ffi::LUA_TTABLE {
+            if !on {
+                ffi::lua_settop(l, key - 1);
+                return;
+            }
+            ffi::lua_settop(l, key);
+            ffi::lua_createtable(l, 0, 1);
+            ffi::lua_pushvalue(l, key);
+            ffi::lua_pushvalue(l, -2);
+            ffi::lua_rawset(l, index);
+        }
+        let rooms = ffi::lua_gettop(l);
+        push_str(l, room);
+        if on {
+            ffi::lua_pushboolean(l, 1);
+        } else {
+            ffi::lua_pushnil(l);
+        }
+        ffi::lua_rawset(l, rooms);
+        if !on {
+            ffi::lua_pushnil(l);
+            if ffi::lua_next(l, rooms) == 0 {
+                ffi::lua_pushvalue(l, key);
+                ffi::lua_pushnil(l);
+                ffi::lua_rawset(l, index);
+            }
+        }
+        ffi::lua_settop(l, key - 1);
+    }
+}
+
+/// Bring the index up to date for `user`'s `rooms`, whose participants may have changed.
+unsafe fn update_index(
+    l: *mut lua_State,
+    shared: &Shared,
+    host: &Host,
+    user: &str,
+    rooms: &[String],
+) {
+    unsafe {
+        ffi::lua_checkstack(l, 8);
+        ffi::lua_rawgeti(
+            l,
+            ffi::LUA_REGISTRYINDEX,
+            shared.session_rooms as ffi::lua_Integer,
+        );
+        let index = ffi::lua_gettop(l);
+        let mut indexed = shared.indexed.borrow_mut();
+        let full = |r: &str| format!("{user}@{}/{r}", shared.domain);
+        for room in rooms {
+            let now = host.participants_of(user, room);
+            let before = indexed.get_mut(user).and_then(|m| m.remove(room));
+            let before_sessions = before.as_ref().map_or(&[][..], |b| &b.sessions[..]);
+            if before_sessions == now.as_slice() {
+                if let Some(b) = before {
+                    indexed
+                        .entry(user.to_owned())
+                        .or_default()
+                        .insert(room.clone(), b);
+                }
+                continue;
+            }
+            for r in before_sessions.iter().filter(|r| !now.contains(r)) {
+                index_set(l, index, &full(r), room, false);
+            }
+            for r in now.iter().filter(|r| !before_sessions.contains(r)) {
+                index_set(l, index, &full(r), room, true);
+            }
+            if let Some(b) = before {
+                ffi::luaL_unref(l, ffi::LUA_REGISTRYINDEX, b.list);
+            }
+            if !now.is_empty() {
+                ffi::lua_createtable(l, now.len() as c_int, 0);
+                for (k, r) in now.iter().enumerate() {
+                    push_str(l, &full(r));
+                    ffi::lua_rawseti(l, -2, k as ffi::lua_Integer + 1);
+                }
+                let list = ffi::luaL_ref(l, ffi::LUA_REGISTRYINDEX);
+                indexed.entry(user.to_owned()).or_default().insert(
+                    room.clone(),
+                    IndexedRoom {
+                        sessions: now,
+                        list,
+                    },
+                );
+            } else if indexed.get(user).is_some_and(HashMap::is_empty) {
+                indexed.remove(user);
+            }
+        }
+        ffi::lua_settop(l, index - 1);
+    }
+}
+
+/// The list of full JIDs kept for a fork of `user`'s `room` to `count` sessions.
+fn fork_list(shared: &Shared, user: &str, room: &str, count: usize) -> Option<c_int> {
+    let indexed = shared.indexed.borrow();
+    let entry = indexed.get(user)?.get(room)?;
+    (entry.sessions.len() == count).then_some(entry.list)
+}
+
+// ---------------------------------------------------------------------------------------
 // The entry points.
 
 unsafe fn shared_of<'a>(l: *mut lua_State) -> &'a Shared {
@@ -945,7 +1152,11 @@ unsafe fn with_host(
             .host
             .try_borrow_mut()
             .map_err(|_| "mod_minimix core re-entered".to_owned())?;
-        f(&mut host)?
+        let out = f(&mut host)?;
+        if let (Some(user), false) = (&out.user, out.changed_rooms.is_empty()) {
+            unsafe { update_index(l, shared, &host, user, &out.changed_rooms) };
+        }
+        out
     };
     unsafe { push_outcome(l, shared, out) }
 }
@@ -1049,8 +1260,14 @@ unsafe extern "C-unwind" fn gc_shared(l: *mut lua_State) -> c_int {
             *boxed = std::ptr::null();
             if Rc::strong_count(&shared) == 1 {
                 ffi::luaL_unref(l, ffi::LUA_REGISTRYINDEX, shared.stanza_mt);
+                ffi::luaL_unref(l, ffi::LUA_REGISTRYINDEX, shared.session_rooms);
                 for (_, (_, r)) in shared.full_jids.borrow_mut().refs.drain() {
                     ffi::luaL_unref(l, ffi::LUA_REGISTRYINDEX, r);
+                }
+                for (_, rooms) in shared.indexed.borrow_mut().drain() {
+                    for (_, room) in rooms {
+                        ffi::luaL_unref(l, ffi::LUA_REGISTRYINDEX, room.list);
+                    }
                 }
                 if let Some(m) = shared.memo.borrow_mut().take() {
                     ffi::luaL_unref(l, ffi::LUA_REGISTRYINDEX, m.reference);
@@ -1077,16 +1294,22 @@ unsafe fn push_closure(l: *mut lua_State, shared: &Rc<Shared>, f: ffi::lua_CFunc
 }
 
 /// Make the shared state for a host and push its entry points `room_event`,
-/// `session_event` and `control`. `stanza_mt` is at stack index `mt_index`.
+/// `session_event` and `control`, and the session index (see [`Shared`]). `stanza_mt` is
+/// at stack index `mt_index`.
 ///
 /// # Safety
-/// `l` is a valid Lua state with room for three more values.
+/// `l` is a valid Lua state with room for four more values.
 pub unsafe fn open(l: *mut lua_State, host: Host, mt_index: c_int) -> Rc<Shared> {
     unsafe {
         let shared = new_shared(l, host, mt_index);
         push_closure(l, &shared, room_event);
         push_closure(l, &shared, session_event);
         push_closure(l, &shared, control);
+        ffi::lua_rawgeti(
+            l,
+            ffi::LUA_REGISTRYINDEX,
+            shared.session_rooms as ffi::lua_Integer,
+        );
         shared
     }
 }
