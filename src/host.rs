@@ -1328,18 +1328,27 @@ fn serve_join(
     now: i64,
     out: &mut Outcome,
 ) {
+    // Every action names the session: one shared name for all of them.
+    let to: Rc<str> = resource.into();
+    let deliver = |out: &mut Outcome, stanza: Out| {
+        out.actions.push(Action::Deliver {
+            resource: to.clone(),
+            stanza,
+        });
+    };
     let kept = |xml: &Rc<str>, edit: Edit| Out::Kept {
         xml: xml.clone(),
         edit,
     };
+    out.actions.reserve(m.occupants.len() + m.history.len() + 2);
     for p in m.occupants.others(&m.nick) {
-        out.deliver(resource, kept(p, Edit::None));
+        deliver(out, kept(p, Edit::None));
     }
     if let Some(own) = &m.self_presence {
         let edit = Edit::OwnPresence {
             nick_differs: asked_nick != m.nick,
         };
-        out.deliver(resource, kept(own, edit));
+        deliver(out, kept(own, edit));
     }
     let request = request.history_request();
     for picked in m.history.select(request.as_ref(), now) {
@@ -1350,7 +1359,7 @@ fn serve_join(
             },
             None => Edit::None,
         };
-        out.deliver(resource, kept(&picked.message, edit));
+        deliver(out, kept(&picked.message, edit));
     }
     if !m.complete {
         // The room is still sending the account's join answer: the subject (and any
@@ -1358,9 +1367,9 @@ fn serve_join(
         return;
     }
     match &m.subject {
-        Some(subject) => out.deliver(resource, kept(subject, Edit::None)),
-        None => out.deliver(
-            resource,
+        Some(subject) => deliver(out, kept(subject, Edit::None)),
+        None => deliver(
+            out,
             Out::New(
                 Element::builder("message", NS_CLIENT)
                     .attr(n("type"), "groupchat")
