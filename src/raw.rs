@@ -557,10 +557,19 @@ unsafe fn push_element(l: *mut lua_State, el: &Element, parent_ns: &str, top: bo
 /// A reader of kept stanza text (made by `write_xml`, or by minidom in tests) that builds
 /// Prosody stanza tables directly, without an intermediate tree.
 struct KeptReader<'x> {
+    /// The kept text (made by [`write_xml`], so well-formed and split only at ASCII
+    /// delimiters, which are character boundaries).
+    text: &'x str,
     xml: &'x [u8],
     pos: usize,
     l: *mut lua_State,
     mt: c_int,
+    /// Scratch stacks shared by all elements of the stanza (each element uses the entries
+    /// above where it started and drops them when done), so parsing allocates nothing
+    /// per element: attributes, namespace prefixes, and whether each child is a tag.
+    attrs: Vec<(&'x str, Cow<'x, str>)>,
+    prefixes: Vec<(&'x str, Cow<'x, str>)>,
+    kinds: Vec<bool>,
 }
 
 /// What a parsed element tells its parent (for the edits of a later join).
@@ -590,7 +599,7 @@ impl<'x> KeptReader<'x> {
         if self.pos == start {
             return None;
         }
-        std::str::from_utf8(&self.xml[start..self.pos]).ok()
+        self.text.get(start..self.pos)
     }
 
     /// Text up to `end` (exclusive), entities decoded.
@@ -598,7 +607,7 @@ impl<'x> KeptReader<'x> {
         let start = self.pos;
         let len = self.xml[start..].iter().position(|&c| c == end)?;
         self.pos += len;
-        let raw = std::str::from_utf8(&self.xml[start..self.pos]).ok()?;
+        let raw = self.text.get(start..self.pos)?;
         if !raw.contains('&') {
             return Some(Cow::Borrowed(raw));
         }
@@ -645,8 +654,8 @@ impl<'x> KeptReader<'x> {
             let name = self.name()?;
             let mut ns: Cow<'x, str> = Cow::Borrowed("");
             let mut own_ns = false;
-            let mut prefixes: Vec<(&str, Cow<'x, str>)> = Vec::new();
-            let mut pending: Vec<(&str, Cow<'x, str>)> = Vec::new();
+            let attrs_from = self.attrs.len();
+            let prefixes_from = self.prefixes.len();
             let mut code = None;
             let closed = loop {
                 self.skip_space();
@@ -673,14 +682,16 @@ impl<'x> KeptReader<'x> {
                     ns = value;
                     own_ns = true;
                 } else if let Some(prefix) = key.strip_prefix("xmlns:") {
-                    prefixes.push((prefix, value));
+                    self.prefixes.push((prefix, value));
                 } else {
                     if key == "code" {
                         code = Some(value.clone());
                     }
-                    pending.push((key, value));
+                    self.attrs.push((key, value));
                 }
             };
+            let attrs_to = self.attrs.len();
+            let prefixes_to = self.prefixes.len();
             let ns: &str = if own_ns { &ns } else { parent_ns };
             // The edits of a later join, on the self-presence's muc#user payload.
             let in_own_x = edit.is_some_and(Edit::edits_own_presence)
@@ -689,7 +700,7 @@ impl<'x> KeptReader<'x> {
                 && ns == NS_MUC_USER;
             // Children, in order, on the stack above `base`.
             let base = ffi::lua_gettop(l);
-            let mut is_tag: Vec<bool> = Vec::new();
+            let kinds_from = self.kinds.len();
             if !closed {
                 loop {
                     if self.peek()? == b'<' {
@@ -707,14 +718,14 @@ impl<'x> KeptReader<'x> {
                             ffi::lua_pop(l, 1);
                             continue;
                         }
-                        is_tag.push(true);
+                        self.kinds.push(true);
                     } else {
                         let text = self.text_until(b'<')?;
                         if ffi::lua_checkstack(l, 4) == 0 {
                             return None;
                         }
                         push_str(l, &text);
-                        is_tag.push(false);
+                        self.kinds.push(false);
                     }
                 }
             }
@@ -725,8 +736,9 @@ impl<'x> KeptReader<'x> {
             };
             if let Some(el) = &added {
                 push_element(l, el, ns, false, self.mt);
-                is_tag.push(true);
+                self.kinds.push(true);
             }
+            let is_tag = &self.kinds[kinds_from..];
             let nodes = is_tag.len() as c_int;
             let ntags = is_tag.iter().filter(|t| **t).count() as c_int;
             ffi::lua_createtable(l, nodes, 3);
@@ -749,12 +761,15 @@ impl<'x> KeptReader<'x> {
             let with_xmlns = depth > 0 && ns != parent_ns;
             // The top element gets its `to` when it is sent: room for it from the start.
             let extra = c_int::from(with_xmlns) + c_int::from(depth == 0);
+            self.kinds.truncate(kinds_from);
+            let pending = &self.attrs[attrs_from..attrs_to];
+            let prefixes = &self.prefixes[prefixes_from..prefixes_to];
             ffi::lua_createtable(l, 0, pending.len() as c_int + extra);
             if with_xmlns {
                 push_str(l, ns);
                 ffi::lua_setfield(l, -2, c"xmlns".as_ptr());
             }
-            for (key, value) in &pending {
+            for (key, value) in pending {
                 match key.split_once(':') {
                     Some((prefix, local)) if prefix != "xml" => {
                         match prefixes.iter().find(|(p, _)| *p == prefix) {
@@ -767,6 +782,8 @@ impl<'x> KeptReader<'x> {
                 push_str(l, value);
                 ffi::lua_rawset(l, -3);
             }
+            self.attrs.truncate(attrs_from);
+            self.prefixes.truncate(prefixes_from);
             ffi::lua_setfield(l, t, c"attr".as_ptr());
             ffi::lua_rawgeti(l, ffi::LUA_REGISTRYINDEX, self.mt as ffi::lua_Integer);
             ffi::lua_setmetatable(l, t);
@@ -788,10 +805,14 @@ unsafe fn push_kept(l: *mut lua_State, xml: &str, edit: &Edit, mt: c_int) -> Opt
     unsafe {
         let top = ffi::lua_gettop(l);
         let mut reader = KeptReader {
+            text: xml,
             xml: xml.as_bytes(),
             pos: 0,
             l,
             mt,
+            attrs: Vec::new(),
+            prefixes: Vec::new(),
+            kinds: Vec::new(),
         };
         reader.skip_space();
         let ok = reader.peek() == Some(b'<') && reader.element(NS_CLIENT, 0, Some(edit)).is_some();
