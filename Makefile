@@ -76,7 +76,8 @@ test: deps
 
 # Speed and memory against plain Prosody and a pure-Lua implementation (README, Performance).
 bench: deps build
-	lua5.4 spec/bench/inprocess.lua
+	lua5.4 spec/bench/inprocess.lua 20000 prosody
+	MEMBERSHIPS=0 lua5.4 spec/bench/inprocess.lua 20000 lua
 	lua5.4 spec/bench/e2e.lua both 3 2000
 
 # Soak: 300 sessions of 100 accounts in 30 rooms, 20,000 messages, join/leave/disconnect
