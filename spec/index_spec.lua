@@ -7,10 +7,7 @@
 -- (forks hand out lists the bridge keeps beside the index).
 local Server = require "spec.helpers.server"
 
-local libdir = Server.prosody_lib_dir()
-package.path = libdir .. "/?.lua;" .. package.path
-package.cpath = libdir .. "/?.so;" .. package.cpath
-pcall(require, "loader")
+Server.use_prosody_libraries()
 local st = require "util.stanza"
 
 local NS_MUC = "http://jabber.org/protocol/muc"

@@ -206,18 +206,18 @@ impl Room {
         }
     }
 
+    const ALL: [Room; 6] = [
+        Room::R1,
+        Room::R2,
+        Room::R3,
+        Room::Irc,
+        Room::Local,
+        Room::Service,
+    ];
+
     fn of_jid(jid: &str) -> Option<Room> {
         let bare = jid.split('/').next().unwrap_or_default();
-        [
-            Room::R1,
-            Room::R2,
-            Room::R3,
-            Room::Irc,
-            Room::Local,
-            Room::Service,
-        ]
-        .into_iter()
-        .find(|r| r.jid() == bare)
+        Room::ALL.into_iter().find(|r| r.jid() == bare)
     }
 }
 
@@ -1776,14 +1776,7 @@ impl World {
                 .collect();
             // Every change of who takes part was announced: the index kept from the
             // announcements is the host's state.
-            for room in [
-                Room::R1,
-                Room::R2,
-                Room::R3,
-                Room::Irc,
-                Room::Local,
-                Room::Service,
-            ] {
+            for room in Room::ALL {
                 let now = self.host.participants_of(name, room.jid());
                 let indexed = self
                     .index

@@ -19,10 +19,7 @@
 -- events through the same hook dispatch.
 package.path = "./?.lua;./spec/?.lua;" .. package.path
 local Server = require "spec.helpers.server"
-local libdir = Server.prosody_lib_dir()
-package.path = libdir .. "/?.lua;" .. package.path
-package.cpath = libdir .. "/?.so;" .. package.cpath
-pcall(require, "loader")
+local libdir = Server.use_prosody_libraries()
 local st = require "util.stanza"
 
 local options = { iter = 20000, rounds = 5, gc = "prosody", state = 0, memory = 10000, time = 0.3, worker = false }

@@ -21,12 +21,7 @@
 local socket = require "socket"
 local Server = require "spec.helpers.server"
 
-local libdir = Server.prosody_lib_dir()
-if not package.path:find(libdir .. "/?.lua", 1, true) then
-	package.path = libdir .. "/?.lua;" .. package.path
-	package.cpath = libdir .. "/?.so;" .. package.cpath
-end
-pcall(require, "loader") -- Prosody 13 modules require "prosody.util.*"; loader maps them
+Server.use_prosody_libraries()
 
 local st = require "util.stanza"
 local xmppstream = require "util.xmppstream"

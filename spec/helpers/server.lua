@@ -111,6 +111,18 @@ function Server.prosody_lib_dir()
 	return (dir:gsub("/+$", ""))
 end
 
+-- Make that Prosody's libraries loadable here (util.stanza and the rest, as
+-- `require "util.stanza"`); returns their folder.
+function Server.use_prosody_libraries()
+	local libdir = Server.prosody_lib_dir()
+	if not package.path:find(libdir .. "/?.lua", 1, true) then
+		package.path = libdir .. "/?.lua;" .. package.path
+		package.cpath = libdir .. "/?.so;" .. package.cpath
+	end
+	pcall(require, "loader") -- Prosody 13 modules require "prosody.util.*"; loader maps them
+	return libdir
+end
+
 -- argv prefix (already shell-quoted) and working dir to run a sibling of the prosody
 -- script ("prosody" or "prosodyctl").
 local function command_for(name)
