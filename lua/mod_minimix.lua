@@ -82,6 +82,14 @@ local bookmarks_setting = module:get_option_boolean("minimix_bookmarks", true);
 -- `session_rooms[full_jid][room] == true`, kept up to date by the core and only read here.
 local core, room_event, session_event, control, session_rooms = minimix.new(host, config, st.stanza_mt);
 
+-- A core from before the index (a minimix.so loaded by an older version of this file and
+-- still in memory): every stanza goes through the core, which decides the same.
+local function no_index()
+	module:log("warn", "The loaded Rust core keeps no session index; restart Prosody to finish upgrading mod_minimix");
+	return {};
+end
+session_rooms = session_rooms or no_index();
+
 -- Memberships survive restarts: per account, { [room] = { nick = …, password = … } }.
 local store = module:open_store("minimix");
 
@@ -368,10 +376,9 @@ function module.save()
 end
 
 function module.restore(saved)
-	if saved and saved.core and saved.room_event and saved.session_event and saved.control
-		and saved.session_rooms then
+	if saved and saved.core and saved.room_event and saved.session_event and saved.control then
 		core, room_event, session_event, control = saved.core, saved.room_event, saved.session_event, saved.control;
-		session_rooms = saved.session_rooms;
+		session_rooms = saved.session_rooms or no_index();
 		reloaded = true;
 	end
 end
