@@ -4,7 +4,7 @@
 --
 --   lua5.4 spec/bench/inprocess.lua [options]
 --     --iter N     events per path over all rounds (20000)
---     --rounds R   alternating rounds; medians are reported (5)
+--     --rounds R   alternating rounds; medians are reported (5; 0: memory only)
 --     --gc G       prosody: Lua's collector as Prosody sets it (the default);
 --                  lua: Lua 5.4's own defaults
 --     --state M    other memberships the server holds while timing (0): each
@@ -478,11 +478,13 @@ local function memory(count)
 	local total = (rss1 - rss0) + (lua1 - lua0)
 	print(("memory: %d memberships (50 occupants, 20 messages of history each): %.1f MiB, %.1f KiB per membership")
 		:format(count, total / 1048576, total / count / 1024))
+	print(("  of which Lua's heap %.1f MiB, the rest of the process (Rust's heap) %.1f MiB")
+		:format((lua1 - lua0) / 1048576, (rss1 - rss0) / 1048576))
 end
 
 if options.worker then
 	worker(options.worker)
 else
-	driver()
+	if ROUNDS > 0 then driver() end
 	if options.memory > 0 then memory(options.memory) end
 end
