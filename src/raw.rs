@@ -41,10 +41,6 @@ const OP_SEND: i64 = 2;
 /// The state of one VirtualHost, shared by the hot entry points and the admin methods.
 pub struct Shared {
     pub host: RefCell<Host>,
-    /// Lua strings of the full JIDs forks go to, by participant: registry references
-    /// keyed by the address of the participant's resource (held here, so the address
-    /// stays unique). A participant the core no longer holds is swept out.
-    full_jids: RefCell<JidCache>,
     /// The VirtualHost's name, for the full JIDs of forks.
     domain: String,
     /// Registry reference to Prosody's `util.stanza` metatable.
@@ -72,46 +68,6 @@ struct IndexedRoom {
     list: c_int,
 }
 
-#[derive(Default)]
-struct JidCache {
-    refs: HashMap<*const u8, (Rc<str>, c_int)>,
-    inserts: usize,
-}
-
-impl JidCache {
-    /// Push the full JID of `user`'s participant `resource`.
-    unsafe fn push(&mut self, l: *mut lua_State, domain: &str, user: &str, resource: &Rc<str>) {
-        unsafe {
-            let key = resource.as_ptr();
-            if let Some((_, r)) = self.refs.get(&key) {
-                ffi::lua_rawgeti(l, ffi::LUA_REGISTRYINDEX, *r as ffi::lua_Integer);
-                return;
-            }
-            self.inserts += 1;
-            if self.inserts.is_multiple_of(1024) {
-                self.sweep(l);
-            }
-            push_str(l, &format!("{user}@{domain}/{resource}"));
-            ffi::lua_pushvalue(l, -1);
-            let r = ffi::luaL_ref(l, ffi::LUA_REGISTRYINDEX);
-            self.refs.insert(key, (resource.clone(), r));
-        }
-    }
-
-    /// Forget participants only this cache still holds.
-    unsafe fn sweep(&mut self, l: *mut lua_State) {
-        unsafe {
-            self.refs.retain(|_, (rc, r)| {
-                let alive = Rc::strong_count(rc) > 1;
-                if !alive {
-                    ffi::luaL_unref(l, ffi::LUA_REGISTRYINDEX, *r);
-                }
-                alive
-            });
-        }
-    }
-}
-
 /// The last stanza table serialized and its text. A room sends the same table to every
 /// occupant in turn (changing only `to`), so one serialization serves every account on
 /// this host. The registry reference keeps the table alive: the same address is the same
@@ -132,7 +88,6 @@ unsafe fn new_shared(l: *mut lua_State, host: Host, mt_index: c_int) -> Rc<Share
         let session_rooms = ffi::luaL_ref(l, ffi::LUA_REGISTRYINDEX);
         Rc::new(Shared {
             domain: host.domain().to_owned(),
-            full_jids: RefCell::new(JidCache::default()),
             host: RefCell::new(host),
             stanza_mt,
             memo: RefCell::new(None),
@@ -890,11 +845,12 @@ unsafe fn push_outcome(l: *mut lua_State, shared: &Shared, out: Outcome) -> Resu
                 ffi::lua_pushinteger(l, flags);
                 return Ok(6);
             }
+            // Otherwise (a fork that goes with a change of who takes part, or to some of
+            // them): a list made for this event.
             ffi::lua_createtable(l, out.actions.len() as c_int, 0);
-            let mut cache = shared.full_jids.borrow_mut();
             for (k, action) in out.actions.iter().enumerate() {
                 if let Action::Deliver { resource, .. } = action {
-                    cache.push(l, &shared.domain, user, resource);
+                    push_str(l, &format!("{user}@{}/{resource}", shared.domain));
                     ffi::lua_rawseti(l, -2, k as ffi::lua_Integer + 1);
                 }
             }
@@ -1282,9 +1238,6 @@ unsafe extern "C-unwind" fn gc_shared(l: *mut lua_State) -> c_int {
             if Rc::strong_count(&shared) == 1 {
                 ffi::luaL_unref(l, ffi::LUA_REGISTRYINDEX, shared.stanza_mt);
                 ffi::luaL_unref(l, ffi::LUA_REGISTRYINDEX, shared.session_rooms);
-                for (_, (_, r)) in shared.full_jids.borrow_mut().refs.drain() {
-                    ffi::luaL_unref(l, ffi::LUA_REGISTRYINDEX, r);
-                }
                 for (_, rooms) in shared.indexed.borrow_mut().drain() {
                     for (_, room) in rooms {
                         ffi::luaL_unref(l, ffi::LUA_REGISTRYINDEX, room.list);
