@@ -52,6 +52,16 @@ end
 local settle = muc.settle
 local fresh = muc.fresh
 
+--- bob (pc) and alice's phone, laptop and tablet, connected; bob joins `room` as Bob, then
+--- each session of alice named in `...` joins as Alice, in that order.
+local function bob_and_alice(srv, room, ...)
+	local c = {}
+	c.bob, c.phone, c.laptop, c.tablet = clients.bob_and_alice(srv)
+	join(c.bob, room .. "/Bob")
+	for _, name in ipairs{ ... } do join(c[name], room .. "/Alice") end
+	return c.bob, c.phone, c.laptop, c.tablet
+end
+
 -- Predicates over received stanzas.
 
 local function chat(body)
@@ -68,13 +78,7 @@ local function join_error(c, room_nick, opts)
 	return assert(c:wait_for(presence(room_nick, "error")))
 end
 
---- Send a groupchat message and wait until each of `recipients` has it.
-local function say(sender, room, body, recipients)
-	sender:send(Client.groupchat(room, body))
-	for _, c in ipairs(recipients or {}) do
-		assert(c:wait_for(groupchat(body)))
-	end
-end
+local say = muc.say
 
 --- Answer the next iq get in namespace `ns` that `c` receives; `fill` may add to the reply.
 local function answer_iq(c, ns, fill)
@@ -87,14 +91,7 @@ local function answer_iq(c, ns, fill)
 	return req
 end
 
---- Wait until `text` occurs in the server log more than `before` times.
-local function wait_log(srv, text, before, timeout)
-	local deadline = os.time() + (timeout or 10)
-	while log_count(srv, text) <= before do
-		assert(os.time() <= deadline, "timed out waiting for the log line: " .. text)
-		require "socket".sleep(0.05)
-	end
-end
+local wait_log = muc.wait_log
 
 ---------------------------------------------------------------------------
 
@@ -109,10 +106,7 @@ describe("mod_minimix", function()
 		teardown(function() srv:destroy() end)
 
 		it("creates (201) and configures the room from alice's session as in plain MUC", function()
-			local bob = connect(srv, "bob", "pc")
-			local phone = connect(srv, "alice", "phone")
-			local laptop = connect(srv, "alice", "laptop")
-			local tablet = connect(srv, "alice", "tablet")
+			local bob, phone, laptop, tablet = clients.bob_and_alice(srv)
 			fresh(bob, phone, laptop, tablet)
 
 			local created = join(phone, ROOM .. "/Alice")
@@ -161,11 +155,7 @@ describe("mod_minimix", function()
 		teardown(function() srv:destroy() end)
 
 		it("joins the account once and gives the joining session its self-presence", function()
-			local bob = connect(srv, "bob", "pc")
-			local phone = connect(srv, "alice", "phone")
-			local laptop = connect(srv, "alice", "laptop")
-			local tablet = connect(srv, "alice", "tablet")
-			join(bob, ROOM .. "/Bob")
+			local bob, phone, laptop, tablet = bob_and_alice(srv, ROOM)
 			fresh(bob, phone, laptop, tablet)
 
 			local own = join(phone, ROOM .. "/Alice")
@@ -264,10 +254,7 @@ describe("mod_minimix", function()
 		teardown(function() srv:destroy() end)
 
 		it("serves occupants, self-presence, history and subject without asking the room", function()
-			local bob = connect(srv, "bob", "pc")
-			local phone = connect(srv, "alice", "phone")
-			local laptop = connect(srv, "alice", "laptop")
-			local tablet = connect(srv, "alice", "tablet")
+			local bob, phone, laptop, tablet = clients.bob_and_alice(srv)
 			local desk = connect(srv, "alice", "desk")
 			join(bob, ROOM .. "/Bob")
 			join(phone, ROOM .. "/Alice")
@@ -337,13 +324,7 @@ describe("mod_minimix", function()
 		teardown(function() srv:destroy() end)
 
 		it("forks room traffic to each joined session exactly once, to no other", function()
-			local bob = connect(srv, "bob", "pc")
-			local phone = connect(srv, "alice", "phone")
-			local laptop = connect(srv, "alice", "laptop")
-			local tablet = connect(srv, "alice", "tablet")
-			join(bob, ROOM .. "/Bob")
-			join(phone, ROOM .. "/Alice")
-			join(laptop, ROOM .. "/Alice")
+			local bob, phone, laptop, tablet = bob_and_alice(srv, ROOM, "phone", "laptop")
 			fresh(bob, phone, laptop, tablet)
 
 			say(bob, ROOM, "hello alice", { phone, laptop, bob })
@@ -385,13 +366,7 @@ describe("mod_minimix", function()
 		teardown(function() srv:destroy() end)
 
 		it("keeps the account joined, never bounces, and serves what came as history", function()
-			local bob = connect(srv, "bob", "pc")
-			local phone = connect(srv, "alice", "phone")
-			local laptop = connect(srv, "alice", "laptop")
-			local tablet = connect(srv, "alice", "tablet")
-			join(bob, ROOM .. "/Bob")
-			join(phone, ROOM .. "/Alice")
-			join(laptop, ROOM .. "/Alice")
+			local bob, phone, laptop, tablet = bob_and_alice(srv, ROOM, "phone", "laptop")
 			fresh(bob)
 
 			phone:close()
@@ -435,13 +410,7 @@ describe("mod_minimix", function()
 		teardown(function() srv:destroy() end)
 
 		it("sends as the account and routes each reply to the asking session", function()
-			local bob = connect(srv, "bob", "pc")
-			local phone = connect(srv, "alice", "phone")
-			local laptop = connect(srv, "alice", "laptop")
-			local tablet = connect(srv, "alice", "tablet")
-			join(bob, ROOM .. "/Bob")
-			join(phone, ROOM .. "/Alice")
-			join(laptop, ROOM .. "/Alice")
+			local bob, phone, laptop, tablet = bob_and_alice(srv, ROOM, "phone", "laptop")
 			fresh(bob, phone, laptop, tablet)
 
 			-- Groupchat: the room sees Alice; both joined sessions get the reflection once.

@@ -50,28 +50,15 @@ local function disco_info(to, id)
 	return st.iq({ type = "get", to = to, id = id }):tag("query", { xmlns = NS_DISCO_INFO }):up()
 end
 
--- Every account's memberships as the module's core holds them, one line:
--- "alice[room/nick=res1,res2;...] bob[...]" (rooms sorted, sessions sorted).
-local MEMBERSHIPS = [[local mm = require "prosody.core.modulemanager".get_module(%q, "minimix"); ]]
-	.. [[local core = mm.module.save().core; local out = {}; ]]
-	.. [[for _, user in ipairs{ %s } do local rows = {}; ]]
-	.. [[for _, r in ipairs(core:memberships(user)) do local s = {}; ]]
-	.. [[for _, x in ipairs(r.sessions) do s[#s + 1] = x end; table.sort(s); ]]
-	.. [[rows[#rows + 1] = r.room .. "/" .. r.nick .. "=" .. table.concat(s, ",") end; ]]
-	.. [[out[#out + 1] = user .. "[" .. table.concat(rows, ";") .. "]" end; return table.concat(out, " ")]]
-
+-- Every account's memberships as the module's core holds them, one line (alice, bob and
+-- carol unless `users` says otherwise).
 local function memberships(srv, users)
-	local quoted = {}
-	for i, u in ipairs(users or { "alice", "bob", "carol" }) do quoted[i] = ("%q"):format(u) end
-	local result, out = srv:eval(MEMBERSHIPS:format(srv.host, table.concat(quoted, ", ")))
-	return assert(result, "admin shell gave no result:\n" .. out)
+	return muc.memberships(srv, users or { "alice", "bob", "carol" })
 end
 
 -- How many occupants the room has (0 when there is no such room).
 local function occupants(srv, room)
-	local result, out = srv:eval(([[local r = prosody.hosts[%q].modules.muc.get_room_from_jid(%q); ]]
-		.. [[local n = 0; if r then for _ in r:each_occupant() do n = n + 1 end end; return n]]):format(MUC, room))
-	return assert(tonumber(result), "admin shell gave no result:\n" .. out)
+	return #muc.occupant_jids(srv, MUC, room)
 end
 
 local function start(opts)

@@ -8,7 +8,6 @@ local Server = require "spec.helpers.server"
 local Client = require "spec.helpers.client"
 local muc = require "spec.helpers.muc"
 local st = Client.stanza
-local socket = require "socket"
 
 local MUC = "conference.localhost"
 local ALICE = "alice@localhost"
@@ -99,25 +98,12 @@ local function admin(c, room, item)
 		:tag("query", { xmlns = NS_MUC_ADMIN }):tag("item", item):text_tag("reason", "test"):up():up()))
 end
 
---- Send a groupchat message and wait until each of `recipients` has it.
-local function say(sender, room, body, recipients)
-	sender:send(Client.groupchat(room, body))
-	for _, c in ipairs(recipients or {}) do
-		assert(c:wait_for(groupchat(body)))
-	end
-end
+local say = muc.say
 
 -- The line the module logs when it is loaded (at start and on each reload).
 local LOADED = "\tinfo\tmod_minimix "
 
---- Wait until `text` occurs in the server log more than `before` times.
-local function wait_log(srv, text, before, timeout)
-	local deadline = socket.gettime() + (timeout or 10)
-	while log_count(srv, text) <= before do
-		assert(socket.gettime() <= deadline, "timed out waiting for the log line: " .. text)
-		socket.sleep(0.05)
-	end
-end
+local wait_log = muc.wait_log
 
 --- Publish a XEP-0402 bookmark for `room` with the options XEP-0402 asks for.
 local function publish_bookmark(c, room, attrs, nick)
@@ -263,10 +249,7 @@ describe("mod_minimix lifecycle", function()
 
 		it("forks a kick (307) to every joined session once and forgets the membership", function()
 			local ROOM = "kick@" .. MUC
-			local bob = connect(srv, "bob", "pc")
-			local phone = connect(srv, "alice", "phone")
-			local laptop = connect(srv, "alice", "laptop")
-			local tablet = connect(srv, "alice", "tablet")
+			local bob, phone, laptop, tablet = clients.bob_and_alice(srv)
 			joined_room(ROOM, bob, phone, laptop)
 			fresh(bob, phone, laptop, tablet)
 
@@ -302,10 +285,7 @@ describe("mod_minimix lifecycle", function()
 
 		it("forks a ban (301) to every joined session once; a later join is refused by the room", function()
 			local ROOM = "ban@" .. MUC
-			local bob = connect(srv, "bob", "pc")
-			local phone = connect(srv, "alice", "phone")
-			local laptop = connect(srv, "alice", "laptop")
-			local tablet = connect(srv, "alice", "tablet")
+			local bob, phone, laptop, tablet = clients.bob_and_alice(srv)
 			joined_room(ROOM, bob, phone, laptop)
 			fresh(bob, phone, laptop, tablet)
 
@@ -334,10 +314,7 @@ describe("mod_minimix lifecycle", function()
 
 		it("forks the room's destruction to every joined session once", function()
 			local ROOM = "doomed@" .. MUC
-			local bob = connect(srv, "bob", "pc")
-			local phone = connect(srv, "alice", "phone")
-			local laptop = connect(srv, "alice", "laptop")
-			local tablet = connect(srv, "alice", "tablet")
+			local bob, phone, laptop, tablet = clients.bob_and_alice(srv)
 			joined_room(ROOM, bob, phone, laptop)
 			fresh(bob, phone, laptop, tablet)
 
@@ -415,10 +392,7 @@ describe("mod_minimix lifecycle", function()
 		teardown(function() srv:destroy() end)
 
 		it("gives every joined session the 303 and the new presence, and a 409 to the asker only", function()
-			local bob = connect(srv, "bob", "pc")
-			local phone = connect(srv, "alice", "phone")
-			local laptop = connect(srv, "alice", "laptop")
-			local tablet = connect(srv, "alice", "tablet")
+			local bob, phone, laptop, tablet = clients.bob_and_alice(srv)
 			join(bob, ROOM .. "/Bob")
 			join(phone, ROOM .. "/Alice")
 			join(laptop, ROOM .. "/Alice")
@@ -574,10 +548,7 @@ describe("mod_minimix lifecycle", function()
 		end)
 
 		it("gives live copies the archive's stanza-id, and carbons copy no groupchat", function()
-			local bob = connect(srv, "bob", "pc")
-			local phone = connect(srv, "alice", "phone")
-			local laptop = connect(srv, "alice", "laptop")
-			local tablet = connect(srv, "alice", "tablet")
+			local bob, phone, laptop, tablet = clients.bob_and_alice(srv)
 			for _, c in ipairs({ phone, laptop, tablet }) do enable_carbons(c) end
 			join(bob, LIVE .. "/Bob")
 			join(phone, LIVE .. "/Alice")

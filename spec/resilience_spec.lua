@@ -35,26 +35,8 @@ local settle = muc.settle_all
 
 local fresh = muc.fresh_all
 
-local function say(sender, room, body, recipients)
-	sender:send(Client.groupchat(room, body))
-	for _, c in ipairs(recipients) do assert(c:wait_for(groupchat(body))) end
-end
-
-local MEMBERSHIPS = [[local mm = require "prosody.core.modulemanager".get_module(%q, "minimix"); ]]
-	.. [[local core = mm.module.save().core; local out = {}; ]]
-	.. [[for _, user in ipairs{ %s } do local rows = {}; ]]
-	.. [[for _, r in ipairs(core:memberships(user)) do local s = {}; ]]
-	.. [[for _, x in ipairs(r.sessions) do s[#s + 1] = x end; table.sort(s); ]]
-	.. [[rows[#rows + 1] = r.room .. "/" .. r.nick .. "=" .. table.concat(s, ",") end; ]]
-	.. [[out[#out + 1] = user .. "[" .. table.concat(rows, ";") .. "]" end; return table.concat(out, " ")]]
-
---- "alice[room/nick=sessions;...] bob[...]", as the module's core holds them.
-local function memberships(srv, users)
-	local quoted = {}
-	for i, u in ipairs(users) do quoted[i] = ("%q"):format(u) end
-	local result, out = srv:eval(MEMBERSHIPS:format(srv.host, table.concat(quoted, ", ")))
-	return assert(result, "admin shell gave no result:\n" .. out)
-end
+local say = muc.say
+local memberships = muc.memberships
 
 --- Poll memberships() until it equals `want` (or `timeout` seconds pass); returns the last.
 local function memberships_become(srv, users, want, timeout)
@@ -70,10 +52,7 @@ end
 
 --- The room's occupants by real bare JID, sorted, comma-separated ("" when none or no room).
 local function occupants(srv, room)
-	local result, out = srv:eval(([[local r = prosody.hosts[%q].modules.muc.get_room_from_jid(%q); local s = {}; ]]
-		.. [[if r then for _, o in r:each_occupant() do s[#s + 1] = o.bare_jid end end; table.sort(s); ]]
-		.. [[return "<" .. table.concat(s, ",") .. ">"]]):format(MUC, room))
-	return assert(result and result:match("^<(.*)>$"), "admin shell gave no result:\n" .. out)
+	return table.concat(muc.occupant_jids(srv, MUC, room), ",")
 end
 
 local function stats(srv)

@@ -3,6 +3,7 @@
 --   local muc = require "spec.helpers.muc"
 --   assert.equal(1, muc.count(c.log, muc.groupchat("hello")))
 local Client = require "spec.helpers.client"
+local socket = require "socket"
 local st = Client.stanza
 
 local NS_MUC_OWNER = "http://jabber.org/protocol/muc#owner"
@@ -103,6 +104,52 @@ local function log_count(srv, text)
 	end
 end
 
+--- Wait until `text` occurs in the server log more than `before` times.
+local function wait_log(srv, text, before, timeout)
+	local deadline = socket.gettime() + (timeout or 10)
+	while log_count(srv, text) <= before do
+		assert(socket.gettime() <= deadline, "timed out waiting for the log line: " .. text)
+		socket.sleep(0.05)
+	end
+end
+
+--- Send a groupchat message and wait until each of `recipients` has it.
+local function say(sender, room, body, recipients)
+	sender:send(Client.groupchat(room, body))
+	for _, c in ipairs(recipients or {}) do
+		assert(c:wait_for(groupchat(body)))
+	end
+end
+
+-- Every given account's memberships as the module's core on `srv.host` holds them, one
+-- line: "alice[room/nick=res1,res2;...] bob[...]" (rooms sorted, sessions sorted).
+local MEMBERSHIPS = [[local mm = require "prosody.core.modulemanager".get_module(%q, "minimix"); ]]
+	.. [[local core = mm.module.save().core; local out = {}; ]]
+	.. [[for _, user in ipairs{ %s } do local rows = {}; ]]
+	.. [[for _, r in ipairs(core:memberships(user)) do local s = {}; ]]
+	.. [[for _, x in ipairs(r.sessions) do s[#s + 1] = x end; table.sort(s); ]]
+	.. [[rows[#rows + 1] = r.room .. "/" .. r.nick .. "=" .. table.concat(s, ",") end; ]]
+	.. [[out[#out + 1] = user .. "[" .. table.concat(rows, ";") .. "]" end; return table.concat(out, " ")]]
+
+local function memberships(srv, users)
+	local quoted = {}
+	for i, u in ipairs(users) do quoted[i] = ("%q"):format(u) end
+	local result, out = srv:eval(MEMBERSHIPS:format(srv.host, table.concat(quoted, ", ")))
+	return assert(result, "admin shell gave no result:\n" .. out)
+end
+
+--- The real bare JIDs of the occupants of `room` on the MUC host `muc_host`, sorted (none
+--- when there is no such room).
+local function occupant_jids(srv, muc_host, room)
+	local result, out = srv:eval(([[local r = prosody.hosts[%q].modules.muc.get_room_from_jid(%q); local s = {}; ]]
+		.. [[if r then for _, o in r:each_occupant() do s[#s + 1] = o.bare_jid end end; table.sort(s); ]]
+		.. [[return "<" .. table.concat(s, ",") .. ">"]]):format(muc_host, room))
+	local list = assert(result and result:match("^<(.*)>$"), "admin shell gave no result:\n" .. out)
+	local jids = {}
+	for jid in list:gmatch("[^,]+") do jids[#jids + 1] = jid end
+	return jids
+end
+
 --- A test that fails when the server's log holds errors or tracebacks. (Plain Lua here:
 --- busted's assert is not seen from a required module.)
 local function no_tracebacks(srv)
@@ -130,7 +177,8 @@ local function settle_all(list) Client.collect_all(list) end
 local function fresh_all(list) fresh(table.unpack(list)) end
 
 --- Clients that a spec connects and closes together: `local clients = muc.clients()`,
---- `clients.connect(srv, user, resource[, { sm = true }])`, `clients.close_all()`.
+--- `clients.connect(srv, user, resource[, { sm = true }])`, `clients.bob_and_alice(srv)`,
+--- `clients.close_all()`.
 local function clients()
 	local open = {}
 	local t = {}
@@ -138,6 +186,11 @@ local function clients()
 		local c = Client.connect{ port = srv.port, user = user, resource = resource, sm = opts and opts.sm }
 		open[#open + 1] = c
 		return c
+	end
+	--- bob (pc) and alice's phone, laptop and tablet, connected, in that order.
+	function t.bob_and_alice(srv)
+		return t.connect(srv, "bob", "pc"), t.connect(srv, "alice", "phone"),
+			t.connect(srv, "alice", "laptop"), t.connect(srv, "alice", "tablet")
 	end
 	function t.close_all()
 		for _, c in ipairs(open) do
@@ -170,5 +223,9 @@ return {
 	leave = leave,
 	configure = configure,
 	log_count = log_count,
+	wait_log = wait_log,
+	say = say,
+	memberships = memberships,
+	occupant_jids = occupant_jids,
 	no_tracebacks = no_tracebacks,
 }
