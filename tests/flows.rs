@@ -10,18 +10,17 @@
 
 mod common;
 
+use common::{
+    ACCOUNT, DOMAIN, R, T0, USER, groupchat, join, membership, occupant, room_history, self_left,
+    subject,
+};
+
 use minidom::Element;
 use minimix::host::{Config, Host, Outcome};
 use minimix::stanza::{self, NS_CLIENT, NS_DELAY, NS_STANZAS};
 use minimix::time::format_stamp;
 
-const DOMAIN: &str = "example.com";
-const USER: &str = "alice";
-const ACCOUNT: &str = "alice@example.com";
-const R: &str = "room@conference.example.com";
 const OTHER_ROOM: &str = "other@conference.example.com";
-/// 2027-01-15T08:00:00Z, the clock at the start of every test.
-const T0: i64 = 1_800_000_000;
 
 // ---------------------------------------------------------------------------------------
 // Helpers
@@ -208,26 +207,8 @@ impl World {
     }
 }
 
-fn membership(nick: &str, sessions: &[&str]) -> Vec<(String, String, Vec<String>)> {
-    vec![(
-        R.to_owned(),
-        nick.to_owned(),
-        sessions.iter().map(|s| s.to_string()).collect(),
-    )]
-}
-
-fn join(nick: &str, history: &str) -> String {
-    format!("<presence to='$R/{nick}' id='join-{nick}'><x xmlns='$MUC'>{history}</x></presence>")
-}
-
 fn join_room(room: &str, nick: &str) -> String {
     format!("<presence to='{room}/{nick}' id='join'><x xmlns='$MUC'/></presence>")
-}
-
-fn occupant(nick: &str) -> String {
-    format!(
-        "<presence from='$R/{nick}'><x xmlns='$MU'><item affiliation='member' role='participant'/></x></presence>"
-    )
 }
 
 fn occupant_left(nick: &str) -> String {
@@ -244,27 +225,6 @@ fn self_presence(nick: &str, affiliation: &str, role: &str, codes: &[u16]) -> St
     format!(
         "<presence from='$R/{nick}'><x xmlns='$MU'><item affiliation='{affiliation}' role='{role}'/>{codes}</x></presence>"
     )
-}
-
-fn self_left(nick: &str) -> String {
-    format!(
-        "<presence type='unavailable' from='$R/{nick}'><x xmlns='$MU'><item affiliation='member' role='none'/><status code='110'/></x></presence>"
-    )
-}
-
-fn groupchat(nick: &str, body: &str) -> String {
-    format!("<message type='groupchat' from='$R/{nick}' id='{body}'><body>{body}</body></message>")
-}
-
-fn room_history(nick: &str, body: &str, stamp: i64) -> String {
-    format!(
-        "<message type='groupchat' from='$R/{nick}' id='{body}'><body>{body}</body><delay xmlns='urn:xmpp:delay' from='$R' stamp='{}'/></message>",
-        format_stamp(stamp)
-    )
-}
-
-fn subject(text: &str) -> String {
-    format!("<message type='groupchat' from='$R/bob' id='subj'><subject>{text}</subject></message>")
 }
 
 /// What Prosody's MUC sends last on a join to a room without a subject.

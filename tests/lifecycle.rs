@@ -10,18 +10,17 @@
 
 mod common;
 
+use common::{
+    ACCOUNT, DOMAIN, R, T0, USER, groupchat, join, membership, occupant, room_history, self_left,
+    subject,
+};
+
 use minidom::Element;
 use minimix::host::{Config, Host, Outcome};
 use minimix::stanza::{self, NS_CLIENT, NS_DELAY, NS_MUC, NS_MUC_USER, NS_STANZAS};
 use minimix::time::format_stamp;
 
-const DOMAIN: &str = "example.com";
-const USER: &str = "alice";
-const ACCOUNT: &str = "alice@example.com";
-const R: &str = "room@conference.example.com";
 const O: &str = "other@conference.example.com";
-/// The clock at the start of every test.
-const T0: i64 = 1_800_000_000;
 
 // ---------------------------------------------------------------------------------------
 // Helpers (in the style of tests/flows.rs)
@@ -294,14 +293,6 @@ fn payload(show: &str, status: &str) -> String {
     p
 }
 
-fn membership(nick: &str, sessions: &[&str]) -> Vec<(String, String, Vec<String>)> {
-    vec![(
-        R.to_owned(),
-        nick.to_owned(),
-        sessions.iter().map(|s| s.to_string()).collect(),
-    )]
-}
-
 fn stored(room: &str, nick: &str, password: Option<&str>) -> (String, String, Option<String>) {
     (
         room.to_owned(),
@@ -310,21 +301,11 @@ fn stored(room: &str, nick: &str, password: Option<&str>) -> (String, String, Op
     )
 }
 
-fn join(nick: &str, history: &str) -> String {
-    format!("<presence to='$R/{nick}' id='join-{nick}'><x xmlns='$MUC'>{history}</x></presence>")
-}
-
 /// A join to R/`nick` carrying the session's show and status.
 fn join_showing(nick: &str, show: &str, status: &str) -> String {
     format!(
         "<presence to='$R/{nick}' id='join-{nick}'><x xmlns='$MUC'/>{}</presence>",
         payload(show, status)
-    )
-}
-
-fn occupant(nick: &str) -> String {
-    format!(
-        "<presence from='$R/{nick}'><x xmlns='$MU'><item affiliation='member' role='participant'/></x></presence>"
     )
 }
 
@@ -342,32 +323,11 @@ fn self_presence(nick: &str, codes: &[u16]) -> String {
     self_presence_in("$R", nick, codes)
 }
 
-fn self_left(nick: &str) -> String {
-    format!(
-        "<presence type='unavailable' from='$R/{nick}'><x xmlns='$MU'><item affiliation='member' role='none'/><status code='110'/></x></presence>"
-    )
-}
-
 /// The room removes alice: `extra` is what muc#user carries besides the item and 110.
 fn removed(nick: &str, extra: &str) -> String {
     format!(
         "<presence type='unavailable' from='$R/{nick}'><x xmlns='$MU'><item affiliation='none' role='none'/><status code='110'/>{extra}</x></presence>"
     )
-}
-
-fn groupchat(nick: &str, body: &str) -> String {
-    format!("<message type='groupchat' from='$R/{nick}' id='{body}'><body>{body}</body></message>")
-}
-
-fn room_history(nick: &str, body: &str, stamp: i64) -> String {
-    format!(
-        "<message type='groupchat' from='$R/{nick}' id='{body}'><body>{body}</body><delay xmlns='urn:xmpp:delay' from='$R' stamp='{}'/></message>",
-        format_stamp(stamp)
-    )
-}
-
-fn subject(text: &str) -> String {
-    format!("<message type='groupchat' from='$R/bob' id='subj'><subject>{text}</subject></message>")
 }
 
 /// alice joined R as "Al" from phone: bob and carol are in the room, one message of
