@@ -272,19 +272,26 @@ end
 local test_faults = config.test_faults;
 
 -- A stanza one of this host's client sessions sends (a presence without `to` is the
--- session's broadcast presence, which the room sees through the account). A message to
--- the bare JID of a room the session takes part in (groupchat, the most frequent) goes out
--- from the account without a call into the core, as the index says; the core would decide
--- the same, and drops error messages, which would make the room kick the account.
+-- session's broadcast presence, which the room sees through the account). Messages and
+-- broadcast presences only concern rooms the session takes part in, so the index decides
+-- them without a call into the core, as the core would: a message to a room the session
+-- takes part in, or to one of its occupants, goes out from the account (an error message
+-- is dropped: it would make the room kick the account); anything else, and everything
+-- from a session in no room (one-to-one chat, most presence broadcasts), is left alone.
 local function from_session(event)
 	local origin, stanza = event.origin, event.stanza;
 	if origin.type ~= "c2s" or origin.host ~= host or not origin.resource then return; end
-	local to = stanza.attr.to;
-	if not to then
-		if stanza.name ~= "presence" then return; end
-	elseif stanza.name == "message" and not test_faults then
+	local to, name = stanza.attr.to, stanza.name;
+	if not to and name ~= "presence" then return; end
+	if not test_faults and (name == "message" or not to) then
 		local rooms = session_rooms[origin.full_jid];
-		if rooms and rooms[to] and stanza.attr.type ~= "error" then
+		if not rooms then return; end
+		if name == "message" then
+			if not rooms[to] then
+				local slash = to:find("/", 1, true);
+				if not (slash and rooms[to:sub(1, slash - 1)]) then return; end
+			end
+			if stanza.attr.type == "error" then return true; end
 			return send_from_account(stanza, origin.username);
 		end
 	end
