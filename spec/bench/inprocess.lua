@@ -180,6 +180,7 @@ function PureLua.new(sessions, send)
 		return self:later_join(event.origin, event.stanza)
 	end, 0.5)
 	hook("pre-message/bare", function(event) return self:outgoing(event.origin, event.stanza) end, 0.5)
+	hook("pre-message/full", function(event) return self:outgoing(event.origin, event.stanza) end, 0.5)
 	self.fire = fire
 	return self
 end
@@ -381,6 +382,20 @@ PATHS[#PATHS + 1] = { name = "outgoing groupchat rewritten", setup = function(im
 			assert(x.sent() - before == done, impl .. " did not send every message from the account")
 			assert(msg.attr.from == "alice@" .. HOST)
 		end, events
+end }
+
+-- 4. A one-to-one chat message from a session that is in a room, to a contact's full
+-- JID: neither implementation has anything to do with it.
+PATHS[#PATHS + 1] = { name = "one-to-one chat passed on", setup = function(impl, x)
+	local sessions = x.setup("alice", "chatter@" .. MUC, 2, 5)
+	local msg = st.message({ to = "bob@" .. HOST .. "/pc", type = "chat", id = "c" }):text_tag("body", "hi bob")
+	local event = { origin = sessions[2], stanza = msg }
+	local before = x.sent()
+	return function() assert(x.fire("pre-message/full", event) == nil) end, nil,
+		function()
+			assert(x.sent() == before, impl .. " sent a one-to-one message from the account")
+			assert(msg.attr.from == nil)
+		end, per_round(ITER)
 end }
 
 -- Other memberships the server holds: 100 accounts in `count` / 100 rooms each, 50
