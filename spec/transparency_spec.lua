@@ -82,13 +82,18 @@ local function mask(stanza, own_id)
 		-- Ids the test sent come back unchanged on both servers; other ids are generated.
 		ids[#ids + 1] = { s, "id", "gen" }
 	end
+	-- A session sees itself as without the module: in its own self-presences (110) the
+	-- item names its full JID on both servers, so those are compared as they are.
+	local own = s.name == "presence" and Client.muc_status(s)[110] == true
 	walk(s, function(el)
 		local ns = el.attr.xmlns
-		if (el.name == "item" or el.name == "actor") and el.attr.jid and (ns == NS_MUC_USER or ns == NS_MUC_ADMIN) then
+		if (el.name == "item" or el.name == "actor") and el.attr.jid and (ns == NS_MUC_USER or ns == NS_MUC_ADMIN)
+			and not (own and el.name == "item") then
 			-- THE ONE INTENDED DIFFERENCE: with mod_minimix the room's occupant is the account,
-			-- so an occupant's real JID is alice@localhost, not alice@localhost/phone. Real
-			-- JIDs in <item jid/> (and, for the same reason, in <actor jid/>, the real JID of
-			-- the moderator who acted) are reduced to their bare form in both runs.
+			-- so what others see as an occupant's real JID is alice@localhost, not
+			-- alice@localhost/phone. Real JIDs in <item jid/> (and, for the same reason, in
+			-- <actor jid/>, the real JID of the moderator who acted) are reduced to their
+			-- bare form in both runs, except in the recipient's own self-presences.
 			el.attr.jid = el.attr.jid:gsub("/.*$", "")
 		elseif (el.name == "delay" and ns == NS_DELAY) or (el.name == "x" and ns == NS_LEGACY_DELAY) then
 			el.attr.stamp = "STAMP" -- timestamps
@@ -595,11 +600,7 @@ describe("single-session accounts see plain Prosody MUC", function()
 			r:close()
 			error(("%s run of scenario %s failed: %s"):format(label, name, err), 0)
 		end
-		local first_self = nil
-		for _, el in ipairs(r.c.alice.log) do
-			if is_self_presence(el) then first_self = el break end
-		end
-		return r:finish(), r.misses, first_self
+		return r:finish(), r.misses
 	end
 
 	local function dump(name, label, logs)
@@ -618,11 +619,11 @@ describe("single-session accounts see plain Prosody MUC", function()
 		-- Missing stanzas on plain Prosody mean the scenario's expectations are wrong.
 		assert(#plain_misses == 0, "plain Prosody did not do what the scenario expects:\n"
 			.. table.concat(plain_misses, "\n"))
-		local got, misses, self_presence = run_on(minimix, "minimix", name)
+		local got, misses = run_on(minimix, "minimix", name)
 		if not CONTROL then
-			-- Proof that the module was at work: the room's occupant is the bare account.
-			local item = assert(self_presence, "no self-presence for alice"):find("{" .. NS_MUC_USER .. "}x/item")
-			assert.equal("alice@localhost", item and item.attr.jid)
+			-- Proof that the module was at work: the account, not the session, joined.
+			assert.truthy(minimix:log_has(("alice joins transparency-%s@%s as"):format(name, MUC_HOST), true),
+				"mod_minimix did not join alice's account")
 		end
 		dump(name, "minimix", got)
 		local report = {}

@@ -39,11 +39,15 @@ fn config_from_lua(t: &Table) -> LuaResult<Config> {
 
 impl UserData for HostHandle {
     fn add_methods<M: UserDataMethods<Self>>(methods: &mut M) {
-        // What to store of an account's memberships: a list of { room, nick, password }.
+        // What to store of an account's memberships: a list of { room, nick, password,
+        // joined } (joined: the room confirmed the membership at least once).
         methods.add_method("persisted", |lua, this, user: LuaString| {
             let list = lua.create_table()?;
-            for (room, nick, password) in this.shared.host.borrow().persisted(&user.to_str()?) {
+            let user = user.to_str()?;
+            let host = this.shared.host.borrow();
+            for (room, nick, password) in host.persisted(&user) {
                 let row = lua.create_table()?;
+                row.raw_set("joined", host.confirmed(&user, &room))?;
                 row.raw_set("room", room)?;
                 row.raw_set("nick", nick)?;
                 row.raw_set("password", password)?;

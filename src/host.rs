@@ -1,7 +1,7 @@
 //! The state of one VirtualHost: every account's memberships. Events go in, actions come
 //! out; nothing here does I/O, so every flow of the behaviour contract is a plain unit test.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use std::rc::Rc;
 
@@ -60,7 +60,7 @@ pub enum Out {
     Kept { xml: Rc<str>, edit: Edit },
 }
 
-/// How a kept stanza is changed for a later join.
+/// How a kept stanza is changed before it reaches a session.
 #[derive(Debug, Clone)]
 pub enum Edit {
     None,
@@ -69,10 +69,18 @@ pub enum Edit {
         room: Rc<str>,
         stamp: i64,
     },
-    /// The account's self-presence: drop "room created" (201); add "nick assigned" (210)
-    /// when the session asked for another nick.
+    /// The account's self-presence as a later-joining session gets it: drop "room
+    /// created" (201); add "nick assigned" (210) when the session asked for another nick;
+    /// the session's own full JID where the room named the account.
     OwnPresence {
         nick_differs: bool,
+        jid: Rc<str>,
+    },
+    /// A self-presence of the room's (join, nick change, role change, removal, leave) to
+    /// one session: the session's own full JID where the room named the account, as the
+    /// session sees itself without the module.
+    OwnJid {
+        jid: Rc<str>,
     },
 }
 
@@ -92,13 +100,15 @@ impl Edit {
 
     /// Whether the self-presence's muc#user payload is edited at all.
     pub fn edits_own_presence(&self) -> bool {
-        matches!(self, Edit::OwnPresence { .. })
+        matches!(self, Edit::OwnPresence { .. } | Edit::OwnJid { .. })
     }
 
     /// The status added to the self-presence's muc#user payload, if any.
     pub fn added_to_own_presence(&self) -> Option<Element> {
         match self {
-            Edit::OwnPresence { nick_differs: true } => Some(
+            Edit::OwnPresence {
+                nick_differs: true, ..
+            } => Some(
                 Element::builder("status", NS_MUC_USER)
                     .attr(n("code"), status::ASSIGNED_NICK.to_string())
                     .build(),
@@ -107,9 +117,21 @@ impl Edit {
         }
     }
 
-    /// Whether a status code is left out of the self-presence ("room created", 201).
-    pub fn drops_own_status(code: Option<&str>) -> bool {
-        code == Some("201")
+    /// Whether a status code is left out of the self-presence ("room created", 201, is
+    /// news only to the session whose join created the room).
+    pub fn drops_own_status(&self, code: Option<&str>) -> bool {
+        matches!(self, Edit::OwnPresence { .. }) && code == Some("201")
+    }
+
+    /// The `jid` an `<item/>` of the self-presence's muc#user payload gets instead of
+    /// `current`: the session's full JID where the room named the account (any JID with
+    /// the account's bare JID), else nothing to change.
+    pub fn own_item_jid(&self, current: &str) -> Option<&str> {
+        let (Edit::OwnPresence { jid, .. } | Edit::OwnJid { jid }) = self else {
+            return None;
+        };
+        let bare = jid.split_once('/').map_or(&**jid, |(b, _)| b);
+        (Addr::bare_of(current) == bare && current != &**jid).then_some(&**jid)
     }
 }
 
@@ -204,6 +226,18 @@ impl Outcome {
         }
     }
 
+    /// A self-presence of the room's (`xml`, as kept) to every session taking part, each
+    /// seeing its own full JID in it (see [`Edit::OwnJid`]).
+    fn fork_own(&mut self, m: &Membership, account: &str, xml: &Option<Rc<str>>) {
+        self.actions.reserve(m.participants.len());
+        for p in &m.participants {
+            self.actions.push(Action::Deliver {
+                resource: p.resource.clone(),
+                stanza: own_copy(xml, account, &p.resource),
+            });
+        }
+    }
+
     /// The sessions taking part in `room` may have changed.
     fn participants_changed(&mut self, room: &str) {
         if !self.changed_rooms.iter().any(|r| r == room) {
@@ -269,6 +303,9 @@ pub struct Host {
     /// Orders session presences, for "the latest on ties".
     presence_seq: u64,
     counters: Counters,
+    /// Services known to be MUCs (local MUC components; others by disco#info), as the
+    /// shim learned them: a presence without `<x/>` to one of these is a join.
+    muc_services: HashSet<String>,
 }
 
 impl Host {
@@ -280,7 +317,29 @@ impl Host {
             iq_seq: 0,
             presence_seq: 0,
             counters: Counters::default(),
+            muc_services: HashSet::new(),
         }
+    }
+
+    /// The shim learned whether `domain` is a MUC service.
+    pub fn learn_service(&mut self, domain: &str, is_muc: bool) {
+        if is_muc {
+            self.muc_services.insert(domain.to_owned());
+        } else {
+            self.muc_services.remove(domain);
+        }
+    }
+
+    /// Whether a presence to `room` is MUC traffic even without `<x/>`: the room's service
+    /// is known to be a MUC, or the account is in rooms there already.
+    fn known_muc_service(&self, user: &str, room: &str) -> bool {
+        let domain = Addr::parse(room).map_or(room, |a| a.domain);
+        self.muc_services.contains(domain)
+            || self.accounts.get(user).is_some_and(|a| {
+                a.rooms
+                    .keys()
+                    .any(|r| Addr::parse(r).is_some_and(|a| a.domain == domain))
+            })
     }
 
     pub fn domain(&self) -> &str {
@@ -441,6 +500,7 @@ impl Host {
                 xml,
                 edit: Edit::OwnPresence {
                     nick_differs: false,
+                    jid: format!("{user}@{}/{resource}", self.domain).into(),
                 },
             })
         } else {
@@ -468,12 +528,19 @@ impl Host {
             ..
         } = *s;
         let is_join = el.has_child("x", NS_MUC);
+        if !is_join && self.membership(user, room).is_none() && !self.known_muc_service(user, room)
+        {
+            // Not MUC traffic: a directed presence to a contact (SPEC, rules that always
+            // hold). It leaves from the session's own full JID, as without the module.
+            return Outcome::pass();
+        }
         let max_rooms = self.config.max_rooms;
         let mut out = Outcome::handled(user);
         self.presence_seq += 1;
         let seq = self.presence_seq;
         // The session's presence as the room would see it (made only where it is needed).
         let own_presence = || presence::reduce(&el.xml(), seq);
+        let own_jid: Rc<str> = format!("{user}@{}/{resource}", self.domain).into();
         let Some(m) = self.membership_mut(user, room) else {
             // First join: the account joins. The membership is recorded before the join is
             // sent, because a MUC on this server answers while the join is being sent.
@@ -561,7 +628,7 @@ impl Host {
                 m.add(resource, true);
                 out.participants_changed(room);
                 set_presence(m, resource, own_presence());
-                serve_join(m, resource, el, nick, now, &mut out);
+                serve_join(m, &own_jid, resource, el, nick, now, &mut out);
                 served_locally = true;
                 update_room_presence(m, &mut out);
             }
@@ -588,6 +655,7 @@ impl Host {
     }
 
     fn session_unavailable(&mut self, user: &str, resource: &str, room: &str) -> Outcome {
+        let own_jid = format!("{user}@{}/{resource}", self.domain);
         let Some(m) = self.membership_mut(user, room) else {
             return Outcome::pass();
         };
@@ -610,7 +678,7 @@ impl Host {
             out.persist = true;
             out.send_original(None);
         } else {
-            out.deliver(resource, Out::New(leave_presence(m)));
+            out.deliver(resource, Out::New(leave_presence(m, &own_jid)));
             update_room_presence(m, &mut out);
         }
         out
@@ -714,7 +782,11 @@ impl Host {
                 matches!(
                     a,
                     Action::Deliver {
-                        stanza: Out::Original { .. },
+                        stanza: Out::Original { .. }
+                            | Out::Kept {
+                                edit: Edit::OwnJid { .. },
+                                ..
+                            },
                         ..
                     }
                 )
@@ -824,6 +896,9 @@ impl Host {
             }
             return out;
         }
+        // The account's own presence: each session sees its own full JID in it.
+        let account_jid = format!("{user}@{}", self.domain);
+        let xml = kept(el);
         if !unavailable {
             if m.phase == Phase::Leaving {
                 return out;
@@ -848,13 +923,14 @@ impl Host {
                 out.notes.push(format!("{user} joined {room} as {nick}"));
                 out.persist = true;
             }
+            m.confirmed = true;
             m.phase = Phase::Joined;
             m.mark_all_joined();
             m.nick = nick.to_owned();
             m.nick_change_by = None;
-            m.self_presence = kept(el).or(m.self_presence.take());
+            m.self_presence = xml.clone().or(m.self_presence.take());
             m.affiliation = el.item_attr("affiliation");
-            out.fork(m);
+            out.fork_own(m, &account_jid, &xml);
             // Presence changes made while the join was in flight reach the room now.
             update_room_presence(m, &mut out);
             return out;
@@ -864,13 +940,13 @@ impl Host {
                 m.nick = new_nick;
                 out.persist = true;
             }
-            out.fork(m);
+            out.fork_own(m, &account_jid, &xml);
             return out;
         }
         if !m.leave_waiters.is_empty() || m.phase == Phase::Leaving {
             // The answer to the account's own leave.
             for r in std::mem::take(&mut m.leave_waiters) {
-                out.deliver_original(&r);
+                out.deliver(&r, own_copy(&xml, &account_jid, &r));
             }
             if m.phase == Phase::Leaving {
                 account.rooms.remove(room);
@@ -883,7 +959,7 @@ impl Host {
         }
         // Removed by the room: kick, ban, affiliation change, members-only, shutdown,
         // error kick or destruction. Every session learns it; nobody rejoins on its own.
-        out.fork(m);
+        out.fork_own(m, &account_jid, &xml);
         out.notes
             .push(format!("{user} was removed from {room} (status {codes:?})"));
         account.rooms.remove(room);
@@ -1175,6 +1251,12 @@ impl Host {
         out
     }
 
+    /// Whether the room ever confirmed the account's membership (a self-presence, 110):
+    /// stored with it, so that only confirmed memberships are trusted after a restart.
+    pub fn confirmed(&self, user: &str, room: &str) -> bool {
+        self.membership(user, room).is_some_and(|m| m.confirmed)
+    }
+
     /// What to store of an account's memberships: room, nick and password of each room it
     /// is in or joining, sorted by room.
     pub fn persisted(&self, user: &str) -> Vec<(String, String, Option<String>)> {
@@ -1259,6 +1341,20 @@ impl Host {
     }
 }
 
+/// A self-presence of the room's (`xml`, as kept) as the session `resource` of `account`
+/// gets it; the stanza as it came where it could not be kept.
+fn own_copy(xml: &Option<Rc<str>>, account: &str, resource: &str) -> Out {
+    match xml {
+        Some(xml) => Out::Kept {
+            xml: xml.clone(),
+            edit: Edit::OwnJid {
+                jid: format!("{account}/{resource}").into(),
+            },
+        },
+        None => Out::Original { id: None },
+    }
+}
+
 /// A stanza's serialized form, to keep; none when it could not be serialized (nested past
 /// what the bridge reads): such a stanza is forked but not kept.
 fn kept(el: &dyn Payload) -> Option<Rc<str>> {
@@ -1322,6 +1418,7 @@ fn drop_empty(accounts: &mut HashMap<String, Account>, user: &str) {
 /// occupants, the session's own presence, the history it asked for, the subject.
 fn serve_join(
     m: &Membership,
+    own_jid: &Rc<str>,
     resource: &str,
     request: &dyn Payload,
     asked_nick: &str,
@@ -1347,6 +1444,7 @@ fn serve_join(
     if let Some(own) = &m.self_presence {
         let edit = Edit::OwnPresence {
             nick_differs: asked_nick != m.nick,
+            jid: own_jid.clone(),
         };
         deliver(out, kept(own, edit));
     }
@@ -1381,13 +1479,22 @@ fn serve_join(
     }
 }
 
-/// The account's self-presence as a later-joining session gets it (see [`Edit`]).
+/// The account's self-presence as one session gets it (see [`Edit`]).
 fn own_presence_for_join(p: &mut Element, edit: &Edit) {
     if let Some(x) = p.get_child_mut("x", NS_MUC_USER) {
         let kept: Vec<Element> = x
             .children()
-            .filter(|c| !(c.is("status", NS_MUC_USER) && Edit::drops_own_status(c.attr("code"))))
-            .cloned()
+            .filter(|c| !(c.is("status", NS_MUC_USER) && edit.drops_own_status(c.attr("code"))))
+            .map(|c| {
+                let mut c = c.clone();
+                if c.is("item", NS_MUC_USER)
+                    && let Some(jid) = c.attr("jid").and_then(|j| edit.own_item_jid(j))
+                {
+                    let jid = jid.to_owned();
+                    stanza::set_attr(&mut c, "jid", &jid);
+                }
+                c
+            })
             .collect();
         let mut fresh = Element::builder("x", NS_MUC_USER).build();
         for c in kept {
@@ -1400,8 +1507,9 @@ fn own_presence_for_join(p: &mut Element, edit: &Edit) {
     }
 }
 
-/// The unavailable self-presence a session gets when it leaves while others stay.
-fn leave_presence(m: &Membership) -> Element {
+/// The unavailable self-presence a session (`own_jid`) gets when it leaves while others
+/// stay; like the room's, it names the session itself.
+fn leave_presence(m: &Membership, own_jid: &str) -> Element {
     let affiliation = m.affiliation.as_deref().unwrap_or("none");
     Element::builder("presence", NS_CLIENT)
         .attr(n("type"), "unavailable")
@@ -1411,6 +1519,7 @@ fn leave_presence(m: &Membership) -> Element {
                 .append(
                     Element::builder("item", NS_MUC_USER)
                         .attr(n("affiliation"), affiliation)
+                        .attr(n("jid"), own_jid)
                         .attr(n("role"), "none")
                         .build(),
                 )

@@ -54,6 +54,8 @@ pub struct Membership {
     pub shown: Option<Rc<str>>,
     /// The join was made by the module (after a restart, for a bookmark), not a session.
     pub made_by_module: bool,
+    /// The room confirmed the account as an occupant (a self-presence, 110) at least once.
+    pub confirmed: bool,
 }
 
 impl Membership {
@@ -78,6 +80,7 @@ impl Membership {
             password: None,
             shown: None,
             made_by_module: false,
+            confirmed: false,
         }
     }
 

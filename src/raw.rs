@@ -648,6 +648,20 @@ impl<'x> KeptReader<'x> {
             let attrs_to = self.attrs.len();
             let prefixes_to = self.prefixes.len();
             let ns: &str = if own_ns { &ns } else { parent_ns };
+            // An item of the self-presence's payload names the session, not the account.
+            if depth == 2
+                && name == "item"
+                && ns == NS_MUC_USER
+                && let Some(edit) = edit
+            {
+                for (key, value) in &mut self.attrs[attrs_from..attrs_to] {
+                    if *key == "jid"
+                        && let Some(jid) = edit.own_item_jid(value)
+                    {
+                        *value = Cow::Owned(jid.to_owned());
+                    }
+                }
+            }
             // The edits of a later join, on the self-presence's muc#user payload.
             let in_own_x = edit.is_some_and(Edit::edits_own_presence)
                 && depth == 1
@@ -666,10 +680,14 @@ impl<'x> KeptReader<'x> {
                             self.pos += 1;
                             break;
                         }
-                        // Only the top element's direct children need to know the edit.
-                        let child_edit = if depth == 0 { edit } else { None };
+                        // Only the top element's direct children, and the items of the
+                        // self-presence's payload, need to know the edit.
+                        let child_edit = if depth == 0 || in_own_x { edit } else { None };
                         let parsed = self.element(ns, depth + 1, child_edit)?;
-                        if in_own_x && parsed.is_status_201 {
+                        if in_own_x
+                            && parsed.is_status_201
+                            && edit.is_some_and(|e| e.drops_own_status(Some("201")))
+                        {
                             ffi::lua_pop(l, 1);
                             continue;
                         }
@@ -748,7 +766,7 @@ impl<'x> KeptReader<'x> {
             Some(Parsed {
                 is_status_201: name == "status"
                     && ns == NS_MUC_USER
-                    && Edit::drops_own_status(code.as_deref()),
+                    && code.as_deref() == Some("201"),
             })
         }
     }
@@ -1202,6 +1220,7 @@ unsafe extern "C-unwind" fn session_event(l: *mut lua_State) -> c_int {
 ///   "restore", user, room, nick, password|nil — rejoin after a restart
 ///   "bookmark", user, room, nick|nil, password|nil, autojoin
 ///   "leave", user, room, reason        — make the account leave (admin)
+///   "service", domain, is_muc          — whether a service is a MUC (learned by the shim)
 unsafe extern "C-unwind" fn control(l: *mut lua_State) -> c_int {
     unsafe {
         guarded(l, |shared| {
@@ -1221,6 +1240,10 @@ unsafe extern "C-unwind" fn control(l: *mut lua_State) -> c_int {
                     }
                     ("leave", Some(room)) => {
                         host.leave(user, room, arg(4).unwrap_or("asked by an admin"))
+                    }
+                    ("service", _) => {
+                        host.learn_service(user, ffi::lua_toboolean(l, 3) != 0);
+                        Outcome::default()
                     }
                     _ => return Err(format!("control: unknown operation {op}")),
                 })

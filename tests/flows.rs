@@ -1526,3 +1526,230 @@ fn a_refused_first_join_leaves_no_state() {
     assert_eq!(s.delivered().len(), 1);
     assert_eq!(w.host.stats().accounts, 0);
 }
+
+// ---------------------------------------------------------------------------------------
+// Only MUC traffic is the module's (SPEC, rules that always hold)
+
+/// A directed presence to a contact's full JID: `<status/>`, no `<x/>`.
+fn directed_presence(to: &str) -> String {
+    format!("<presence to='{to}' id='dp'><status>around</status></presence>")
+}
+
+#[test]
+fn a_directed_presence_to_a_contact_is_left_alone_also_from_a_session_in_a_room() {
+    let mut w = joined();
+    for contact in [
+        "bob@remote.example/desk",
+        "carol@other.example.com/laptop",
+        "dave@conference.example.net/x",
+    ] {
+        let s = w.session("phone", &directed_presence(contact));
+        assert!(s.passed(), "{contact}: {:?}", s.acts);
+        // Its end, a probe and an error to the contact are not the module's either.
+        for t in ["unavailable", "probe", "error"] {
+            let s = w.session("phone", &format!("<presence to='{contact}' type='{t}'/>"));
+            assert!(s.passed(), "{contact} {t}: {:?}", s.acts);
+        }
+        // Chat and IQs to the contact pass too.
+        let s = w.session(
+            "phone",
+            &format!("<message to='{contact}' type='chat'><body>hi</body></message>"),
+        );
+        assert!(s.passed(), "{contact}: {:?}", s.acts);
+        let s = w.session(
+            "phone",
+            &format!(
+                "<iq to='{contact}' type='get' id='v'><query xmlns='jabber:iq:version'/></iq>"
+            ),
+        );
+        assert!(s.passed(), "{contact}: {:?}", s.acts);
+    }
+    assert_eq!(w.members(), membership("Al", &["phone"]));
+    assert_eq!(w.host.persisted(USER).len(), 1);
+}
+
+#[test]
+fn a_presence_without_x_joins_only_on_a_service_known_as_a_muc() {
+    let mut w = World::new();
+    let plain = "<presence to='room@muc.remote.example/Al' id='p'/>";
+    assert!(w.session("phone", plain).passed());
+    assert!(w.members().is_empty());
+    // The shim learned (local component, or disco#info) that the service is a MUC.
+    w.host.learn_service("muc.remote.example", true);
+    let s = w.session("phone", plain);
+    assert_eq!(s.acts, ["send presence to=room@muc.remote.example/Al id=p"]);
+    assert_eq!(w.host.memberships_of(USER).len(), 1);
+    // And unlearned: only rooms the account is in there keep counting.
+    w.host.learn_service("muc.remote.example", false);
+    assert!(
+        w.session("phone", "<presence to='other@muc.remote.example/Al'/>")
+            .handled
+    );
+    assert!(
+        w.session("phone", "<presence to='other@elsewhere.example/Al'/>")
+            .passed()
+    );
+}
+
+#[test]
+fn a_presence_without_x_to_a_service_the_account_has_rooms_on_is_a_join() {
+    let mut w = joined();
+    let s = w.session(
+        "laptop",
+        "<presence to='second@conference.example.com/Al' id='p2'/>",
+    );
+    assert_eq!(
+        s.acts,
+        ["send presence to=second@conference.example.com/Al id=p2"]
+    );
+    // On the room it is in, a later join is served locally, as with <x/>.
+    let s = w.session("laptop", "<presence to='$R/Al' id='p3'/>");
+    assert!(s.handled);
+    assert!(s.sent().is_empty(), "{:?}", s.acts);
+    assert_eq!(w.host.memberships_of(USER)[0].2, ["phone", "laptop"]);
+}
+
+#[test]
+fn a_membership_counts_as_confirmed_once_the_room_sends_the_self_presence() {
+    let mut w = World::new();
+    w.session("phone", &join("Al", ""));
+    assert!(!w.host.confirmed(USER, R));
+    w.room(&self_presence("Al", "member", "participant", &[110]));
+    assert!(w.host.confirmed(USER, R));
+    // A rejoin after a restart is confirmed again only by the room.
+    let mut w2 = World::new();
+    w2.host.restore(USER, R, "Al", None);
+    assert!(!w2.host.confirmed(USER, R));
+    w2.room(&self_presence("Al", "member", "participant", &[110]));
+    assert!(w2.host.confirmed(USER, R));
+}
+
+// ---------------------------------------------------------------------------------------
+// A session sees itself as without the module: its full JID in its self-presences
+
+/// The account's self-presence as the room sends it: the account's (bare) real JID.
+fn own_presence(nick: &str, type_: &str, codes: &[u16], extra: &str) -> String {
+    let codes: String = codes
+        .iter()
+        .map(|c| format!("<status code='{c}'/>"))
+        .collect();
+    format!(
+        "<presence{type_} from='$R/{nick}'><x xmlns='$MU'><item affiliation='member' role='participant' jid='$A'{extra}/>{codes}</x></presence>"
+    )
+}
+
+/// The `<item jid>` of each stanza delivered, by session.
+fn item_jids(s: &Seen) -> Vec<(String, String)> {
+    s.stanzas
+        .iter()
+        .filter_map(|(r, e)| {
+            let jid = stanza::muc_item(e)?.attr("jid")?.to_owned();
+            Some((r.clone()?, jid))
+        })
+        .collect()
+}
+
+fn full(resource: &str) -> String {
+    format!("{ACCOUNT}/{resource}")
+}
+
+#[test]
+fn each_joining_session_sees_its_own_full_jid_in_the_self_presence() {
+    let mut w = World::new();
+    w.session("phone", &join("Al", ""));
+    w.session("laptop", &join("Al", ""));
+    let s = w.room(&own_presence("Al", "", &[110, 201], ""));
+    assert_eq!(
+        item_jids(&s),
+        [
+            ("phone".to_owned(), full("phone")),
+            ("laptop".to_owned(), full("laptop"))
+        ]
+    );
+    // Nothing else of the stanza changed: the creation status reaches both.
+    assert_eq!(
+        s.delivered(),
+        [
+            (
+                "phone".to_owned(),
+                "presence from=R/Al role=participant 110,201".to_owned()
+            ),
+            (
+                "laptop".to_owned(),
+                "presence from=R/Al role=participant 110,201".to_owned()
+            )
+        ]
+    );
+    // A later join served locally, and a probe of the own nick, name the session too.
+    w.room(&subject("Topic"));
+    let s = w.session("tablet", &join("Al", ""));
+    assert_eq!(item_jids(&s), [("tablet".to_owned(), full("tablet"))]);
+    let s = w.session("tablet", "<presence to='$R/Al' type='probe'/>");
+    assert_eq!(item_jids(&s), [("tablet".to_owned(), full("tablet"))]);
+}
+
+#[test]
+fn nick_change_kick_and_leave_name_each_session() {
+    let mut w = World::new();
+    w.session("phone", &join("Al", ""));
+    w.room(&own_presence("Al", "", &[110], ""));
+    w.room(&empty_subject());
+    w.session("laptop", &join("Al", ""));
+    // A nick change: the 303 and the new presence, to each with its own JID.
+    w.session("phone", "<presence to='$R/Ali'/>");
+    let s = w.room(&own_presence(
+        "Al",
+        " type='unavailable'",
+        &[303, 110],
+        " nick='Ali'",
+    ));
+    assert_eq!(
+        item_jids(&s),
+        [
+            ("phone".to_owned(), full("phone")),
+            ("laptop".to_owned(), full("laptop"))
+        ]
+    );
+    let s = w.room(&own_presence("Ali", "", &[110], ""));
+    assert_eq!(
+        item_jids(&s),
+        [
+            ("phone".to_owned(), full("phone")),
+            ("laptop".to_owned(), full("laptop"))
+        ]
+    );
+    // One of two leaves: the presence made for it names it.
+    let s = w.session("laptop", "<presence to='$R/Ali' type='unavailable'/>");
+    assert_eq!(item_jids(&s), [("laptop".to_owned(), full("laptop"))]);
+    // A kick reaches the one left, naming it; other occupants' JIDs are not touched.
+    w.session("laptop", &join("Ali", ""));
+    let s = w.room(
+        "<presence from='$R/bob'><x xmlns='$MU'><item affiliation='member' role='participant' jid='bob@example.net/x'/></x></presence>",
+    );
+    assert_eq!(
+        item_jids(&s),
+        [
+            ("phone".to_owned(), "bob@example.net/x".to_owned()),
+            ("laptop".to_owned(), "bob@example.net/x".to_owned())
+        ]
+    );
+    let s = w.room(&own_presence("Ali", " type='unavailable'", &[307, 110], ""));
+    assert_eq!(
+        item_jids(&s),
+        [
+            ("phone".to_owned(), full("phone")),
+            ("laptop".to_owned(), full("laptop"))
+        ]
+    );
+    assert!(w.members().is_empty());
+}
+
+#[test]
+fn the_last_session_leaving_gets_the_rooms_answer_with_its_own_jid() {
+    let mut w = World::new();
+    w.session("phone", &join("Al", ""));
+    w.room(&own_presence("Al", "", &[110], ""));
+    w.session("phone", "<presence to='$R/Al' type='unavailable'/>");
+    let s = w.room(&own_presence("Al", " type='unavailable'", &[110], ""));
+    assert_eq!(item_jids(&s), [("phone".to_owned(), full("phone"))]);
+}
