@@ -14,6 +14,8 @@ end
 local st = require "prosody.util.stanza";
 local jid_bare = require "prosody.util.jid".bare;
 local jid_node = require "prosody.util.jid".node;
+local jid_host = require "prosody.util.jid".host;
+local new_id = require "prosody.util.id".short;
 local time_now = require "prosody.util.time".now;
 
 if module:get_host_type() ~= "local" then
@@ -24,10 +26,13 @@ end
 local NS_TEST_FAULT = "urn:xmpp:minimix:test-fault";
 local NS_STANZA_ID = "urn:xmpp:sid:0";
 local NS_BOOKMARKS = "urn:xmpp:bookmarks:1";
+local NS_MUC = "http://jabber.org/protocol/muc";
+local NS_DISCO_INFO = "http://jabber.org/protocol/disco#info";
 local OP_DELIVER, OP_SEND = 1, 2;
 local FLAG_PERSIST, FLAG_ARCHIVE, FLAG_SEND_ORIGINAL, FLAG_ONE_SESSION = 1, 2, 4, 8;
 
 local host = module.host;
+local hosts = prosody.hosts;
 local full_sessions = prosody.full_sessions;
 
 -- Bare JIDs of this host's accounts, made once each.
@@ -90,6 +95,64 @@ local function no_index()
 end
 session_rooms = session_rooms or no_index();
 
+-- Which services are MUCs. A presence without <x xmlns='http://jabber.org/protocol/muc'/>
+-- is a join only when it goes to one (SPEC, rules that always hold): else it is a directed
+-- presence to a contact and not the module's. Local services are known by what they load;
+-- others are asked once with disco#info (a `conference/text` identity), and the answer is
+-- remembered and told to the core. `services[domain]`: true, false, or the callbacks
+-- waiting for an answer.
+local services, service_count = {}, 0;
+local MAX_SERVICES = 10000;
+
+local function service_known(domain, is_muc, waiting)
+	if services[domain] == nil then service_count = service_count + 1; end
+	services[domain] = is_muc;
+	local ok, err = pcall(control, "service", domain, is_muc);
+	if not ok then module:log("error", "Could not note whether %s is a MUC: %s", domain, err); end
+	for _, callback in ipairs(waiting or {}) do callback(is_muc); end
+end
+
+local function has_muc_identity(reply)
+	local query = reply and reply:get_child("query", NS_DISCO_INFO);
+	for identity in (query and query:childtags("identity") or function () end) do
+		if identity.attr.category == "conference" and identity.attr.type == "text" then
+			return true;
+		end
+	end
+	return false;
+end
+
+-- `callback(is_muc)`, at once when known, else when disco#info answers; `is_muc` is nil
+-- when the service did not answer (unreachable, timeout): it is asked again next time.
+local function is_muc_service(domain, callback)
+	local known = services[domain];
+	if type(known) == "boolean" then return callback(known); end
+	if type(known) == "table" then
+		known[#known + 1] = callback;
+		return;
+	end
+	local local_host = hosts[domain];
+	if local_host then
+		return service_known(domain, local_host.type == "component" and local_host.modules.muc ~= nil,
+			{ callback });
+	end
+	if domain == "" or service_count >= MAX_SERVICES then return callback(nil); end
+	local waiting = { callback };
+	services[domain] = waiting;
+	service_count = service_count + 1;
+	local query = st.iq({ type = "get", to = domain, from = host, id = new_id() }):query(NS_DISCO_INFO);
+	module:send_iq(query, nil, 30):next(function (answer)
+		local is_muc = has_muc_identity(answer.stanza);
+		module:log("debug", "%s is %sa MUC service (disco#info)", domain, is_muc and "" or "not ");
+		service_known(domain, is_muc, waiting);
+	end, function (err)
+		module:log("debug", "No disco#info from %s (%s): not taken for a MUC for now", domain, tostring(err));
+		services[domain] = nil;
+		service_count = service_count - 1;
+		for _, waiter in ipairs(waiting) do waiter(nil); end
+	end);
+end
+
 -- Memberships survive restarts: per account, { [room] = { nick = …, password = … } }.
 local store = module:open_store("minimix");
 
@@ -102,7 +165,7 @@ local function persist(user)
 	local data;
 	for _, row in ipairs(rows) do
 		data = data or {};
-		data[row.room] = { nick = row.nick, password = row.password };
+		data[row.room] = { nick = row.nick, password = row.password, joined = row.joined or nil };
 	end
 	local saved, err = store:set(user, data);
 	if not saved then
@@ -295,6 +358,18 @@ local function from_session(event)
 			return send_from_account(stanza, origin.username);
 		end
 	end
+	if to then
+		-- Addresses on this server's VirtualHosts are accounts, never rooms.
+		local to_host = jid_host(to);
+		local on = hosts[to_host];
+		if on and on.type == "local" then return; end
+		-- A presence without <x/> to a service not known as a MUC: the core takes it for a
+		-- contact's (unless the account has rooms there); learn the service for next time.
+		if name == "presence" and services[to_host] == nil and not stanza.attr.type
+			and to:find("/", 1, true) and not stanza:get_child("x", NS_MUC) then
+			is_muc_service(to_host, function () end);
+		end
+	end
 	if test_faults then
 		local ok, err = pcall(test_fault, stanza);
 		if not ok then
@@ -403,8 +478,27 @@ local function rejoin_stored()
 	for user in store:users() do
 		local rooms = store:get(user);
 		for room, m in pairs(rooms or {}) do
-			act("restore", user, room, m.nick, m.password);
-			count = count + 1;
+			if m.joined then
+				act("restore", user, room, m.nick, m.password);
+				count = count + 1;
+			else
+				-- Never confirmed by the room: stored by an older version for any directed
+				-- presence, or a join still unanswered at shutdown. Rejoined only when it
+				-- is on a MUC service (or the service does not answer now).
+				is_muc_service(jid_host(room) or "", function (is_muc)
+					if is_muc == false then
+						module:log("info", "Dropping the stored membership of %s in %s: never confirmed, and %s is no MUC service",
+							user, room, jid_host(room));
+						local data = store:get(user);
+						if data and data[room] then
+							data[room] = nil;
+							store:set(user, next(data) and data or nil);
+						end
+					else
+						act("restore", user, room, m.nick, m.password);
+					end
+				end);
+			end
 		end
 	end
 	if count > 0 then module:log("info", "Rejoined %d stored memberships", count); end

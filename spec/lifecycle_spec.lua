@@ -683,6 +683,45 @@ describe("mod_minimix lifecycle", function()
 			after_restart(ROOM, { "before crash" }, rejoins, 0)
 		end)
 
+		it("drops stored memberships no room confirmed and on no MUC service, with one line each", function()
+			-- What an older version stored for a directed presence to a contact's full JID
+			-- (bob@localhost/desk: "joins bob@localhost as desk"), beside a membership it
+			-- stored before memberships were marked as confirmed, on a real room.
+			local LEGACY = "legacy@" .. MUC
+			local bob = connect(srv, "bob", "desk")
+			join(bob, LEGACY .. "/Bob")
+			assert.equal("result", configure(bob, LEGACY, { ["muc#roomconfig_persistentroom"] = "1" }).attr.type)
+			close_all()
+			srv:stop()
+			local file = srv.dir .. "/data/localhost/minimix/alice.dat"
+			os.execute("mkdir -p " .. srv.dir .. "/data/localhost/minimix")
+			local f = assert(io.open(file, "w"))
+			f:write(('return { ["bob@localhost"] = { nick = "desk" }; [%q] = { nick = "Alice" } };\n'):format(LEGACY))
+			f:close()
+			local dropped = log_count(srv, "Dropping the stored membership of alice in bob@localhost")
+			local rejoined = log_count(srv, "alice rejoins after a restart: " .. LEGACY .. " as Alice")
+			srv:relaunch()
+			wait_log(srv, "alice rejoins after a restart: " .. LEGACY .. " as Alice", rejoined)
+			wait_log(srv, "Dropping the stored membership of alice in bob@localhost", dropped)
+			assert.equal(dropped + 1, log_count(srv, "Dropping the stored membership of alice in bob@localhost"))
+			assert.equal(0, log_count(srv, "alice rejoins after a restart: bob@localhost"))
+			-- bob's client gets no MUC join from alice's account; the room has the account.
+			bob = connect(srv, "bob", "desk")
+			join(bob, LEGACY .. "/Bob")
+			settle(bob)
+			assert.equal(0, count(bob.log, function(el) return el.name == "presence" and el.attr.from == ALICE end))
+			assert.equal(1, count(bob.log, presence(LEGACY .. "/Alice")))
+			-- What is stored once the room confirmed the rejoin: the room, marked confirmed;
+			-- no trace of the contact.
+			local data
+			for _ = 1, 100 do
+				data = assert(loadfile(file))()
+				if data[LEGACY] and data[LEGACY].joined then break end
+				require "socket".sleep(0.05)
+			end
+			assert.same({ [LEGACY] = { nick = "Alice", joined = true } }, data)
+		end)
+
 		it("sends nothing to the room on a module reload and keeps every session joined", function()
 			local ROOM = "reload@" .. MUC
 			local bob = connect(srv, "bob", "pc")
