@@ -716,4 +716,82 @@ describe("mod_minimix", function()
 
 		it("leaves no errors in the log", function() no_tracebacks(srv)() end)
 	end)
+
+	describe("only MUC traffic is the module's", function()
+		local srv
+		local ROOM = "traffic@" .. MUC
+		local PLAIN = "nox@" .. MUC
+		setup(function() srv = start() end)
+		teardown(function() srv:destroy() end)
+
+		it("takes a presence without <x/> to the local MUC as MUC traffic, showing each session its own JID", function()
+			local bob, phone, laptop, tablet = bob_and_alice(srv, PLAIN)
+			fresh(bob, phone, laptop, tablet)
+			-- Prosody's MUC refuses a join without <x/> ("possibly desynced"): the account
+			-- tries for the session, the session gets the room's error as it would without
+			-- the module, and nothing stays.
+			local tries = log_count(srv, "alice joins " .. PLAIN .. " as Alice")
+			local refused = log_count(srv, "alice could not join " .. PLAIN .. ": item-not-found")
+			tablet:send(st.presence({ to = PLAIN .. "/Alice" }))
+			local err = assert(tablet:wait_for(presence(PLAIN .. "/Alice", "error")))
+			assert.equal("item-not-found", error_condition(err))
+			settle(bob, phone, laptop, tablet)
+			assert.equal(tries + 1, log_count(srv, "alice joins " .. PLAIN .. " as Alice"))
+			assert.equal(refused + 1, log_count(srv, "alice could not join " .. PLAIN .. ": item-not-found"))
+			assert.equal(0, count(bob.log, from_room(PLAIN)))
+			assert.same({ "bob@localhost" }, muc.occupant_jids(srv, MUC, PLAIN))
+
+			-- The account joined: the room names the account, the session sees itself as
+			-- without the module.
+			fresh(bob, phone, laptop, tablet)
+			local own = join(phone, PLAIN .. "/Alice")
+			assert.equal(phone.jid, muc_item(own).attr.jid)
+			assert(phone:wait_for(subject_message(PLAIN)))
+			settle(bob, phone, laptop, tablet)
+			assert.same({ ALICE, "bob@localhost" }, muc.occupant_jids(srv, MUC, PLAIN))
+			local item = muc_item(bob.log[index_of(bob.log, presence(PLAIN .. "/Alice"))])
+			if item and item.attr.jid then assert.equal(ALICE, item.attr.jid) end
+			-- A presence without <x/> from another session is then a later join, served
+			-- locally, naming that session.
+			fresh(bob, phone, laptop, tablet)
+			laptop:send(st.presence({ to = PLAIN .. "/Alice" }))
+			own = assert(laptop:wait_for(self_presence(PLAIN)))
+			assert(laptop:wait_for(subject_message(PLAIN)))
+			settle(bob, phone, laptop, tablet)
+			assert.equal(laptop.jid, muc_item(own).attr.jid)
+			assert.equal(0, count(bob.log, from_room(PLAIN)))
+			assert.equal(1, count(laptop.log, self_presence(PLAIN)))
+		end)
+
+		it("passes directed presence, chat and IQs to a contact untouched from a session in a room", function()
+			local bob, phone = bob_and_alice(srv, ROOM, "phone")
+			fresh(bob, phone)
+			local joins = log_count(srv, "alice joins")
+			phone:send(st.presence({ to = bob.jid }):text_tag("status", "around"))
+			local got = assert(bob:wait_for(function(el)
+				return el.name == "presence" and el.attr.from == phone.jid
+			end))
+			assert.equal("around", got:get_child_text("status"))
+			assert.is_nil(got:get_child("x", "http://jabber.org/protocol/muc"))
+			for _, to in ipairs({ bob.jid, "bob@localhost" }) do
+				phone:send(st.message({ to = to, type = "chat", id = Client.new_id() }):text_tag("body", "to " .. to))
+				got = assert(bob:wait_for(chat("to " .. to)))
+				assert.equal(phone.jid, got.attr.from)
+			end
+			local version = st.iq({ to = bob.jid, type = "get", id = Client.new_id() })
+				:tag("query", { xmlns = "jabber:iq:version" })
+			phone:send(version)
+			got = assert(bob:wait_for(function(el) return el.name == "iq" and el.attr.id == version.attr.id end))
+			assert.equal(phone.jid, got.attr.from)
+			bob:send(st.reply(got):tag("query", { xmlns = "jabber:iq:version" }):text_tag("name", "bob's client"))
+			assert(phone:wait_for(iq_reply(version.attr.id)))
+			settle(bob, phone)
+			assert.equal(joins, log_count(srv, "alice joins"))
+			local line = muc.memberships(srv, { "alice" })
+			assert.truthy(line:find(ROOM .. "/Alice=phone", 1, true), line)
+			assert.falsy(line:find("bob@localhost", 1, true), line)
+		end)
+
+		it("leaves no errors in the log", function() no_tracebacks(srv)() end)
+	end)
 end)
