@@ -160,6 +160,36 @@ local function no_tracebacks(srv)
 end
 
 
+local NS_MAM = "urn:xmpp:mam:2"
+local NS_FORWARD = "urn:xmpp:forward:0"
+
+--- Query `c`'s own MAM archive (urn:xmpp:mam:2) for messages with `with` (a bare JID,
+--- e.g. a room); returns a list of { id =, message = } in archive order, and the final iq.
+local function mam_query(c, with)
+	local queryid = Client.new_id()
+	local iq = st.iq({ type = "set", to = c.bare, id = Client.new_id() })
+		:tag("query", { xmlns = NS_MAM, queryid = queryid })
+		:tag("x", { xmlns = "jabber:x:data", type = "submit" })
+		:tag("field", { var = "FORM_TYPE", type = "hidden" }):text_tag("value", NS_MAM):up()
+		:tag("field", { var = "with" }):text_tag("value", with):up()
+	local fin = assert(c:iq(iq))
+	local results = {}
+	-- The results come before the final iq: they are in the inbox (wait_for keeps the rest).
+	while true do
+		local el = c:wait_for(function(m)
+			local r = m.name == "message" and m:get_child("result", NS_MAM)
+			return r and r.attr.queryid == queryid
+		end, 0.01)
+		if not el then break end
+		local r = el:get_child("result", NS_MAM)
+		results[#results + 1] = {
+			id = r.attr.id,
+			message = r:find("{" .. NS_FORWARD .. "}forwarded/{jabber:client}message"),
+		}
+	end
+	return results, fin
+end
+
 --- Wait until every given client is quiet (nothing for 0.3 s), emptying their inboxes.
 local function settle(...)
 	Client.collect_all({ ... })
@@ -177,13 +207,15 @@ local function settle_all(list) Client.collect_all(list) end
 local function fresh_all(list) fresh(table.unpack(list)) end
 
 --- Clients that a spec connects and closes together: `local clients = muc.clients()`,
---- `clients.connect(srv, user, resource[, { sm = true }])`, `clients.bob_and_alice(srv)`,
+--- `clients.connect(srv, user, resource[, { sm = true, host = "other.localhost" }])` (host:
+--- default srv.host), `clients.bob_and_alice(srv)`,
 --- `clients.close_all()`.
 local function clients()
 	local open = {}
 	local t = {}
 	function t.connect(srv, user, resource, opts)
-		local c = Client.connect{ port = srv.port, user = user, resource = resource, sm = opts and opts.sm }
+		local c = Client.connect{ port = srv.port, host = opts and opts.host or srv.host, user = user,
+			resource = resource, sm = opts and opts.sm }
 		open[#open + 1] = c
 		return c
 	end
@@ -227,5 +259,6 @@ return {
 	say = say,
 	memberships = memberships,
 	occupant_jids = occupant_jids,
+	mam_query = mam_query,
 	no_tracebacks = no_tracebacks,
 }
