@@ -144,6 +144,7 @@ describe("one-to-one traffic of a session joined to rooms", function()
 	it("to a contact on the remote server: untouched, from the full JID, archived once", function()
 		local phone, carol = joined_phone()
 		local desk = connect(remote, "bob", "desk")
+		fresh(carol)
 		one_to_one(phone, desk)
 		-- The rooms did not notice.
 		settle(carol)

@@ -213,6 +213,18 @@ describe("federation", function()
 			settle(bob, phone, laptop, tablet)
 
 			assert.equal(before + 1, log_count(home, "alice joins " .. ROOM))
+			-- The race did happen: the other two joins reached the module between the
+			-- account's join going out and the room's self-presence coming back.
+			local log = home:log()
+			local sent_at = assert(log:find("alice joins " .. ROOM, 1, true))
+			local answered_at = assert(log:find("alice joined " .. ROOM, sent_at, true))
+			local in_flight = 0
+			for line in log:sub(sent_at, answered_at):gmatch("[^\n]+") do
+				if line:find("Received[c2s]: <presence", 1, true) and line:find(ROOM .. "/Alice", 1, true) then
+					in_flight = in_flight + 1
+				end
+			end
+			assert.equal(2, in_flight, "joins received while the account's join was in flight")
 			assert.equal(1, count(bob.log, presence(ROOM .. "/Alice")))
 			assert.equal(1, count(bob.log, from_room(ROOM)))
 			for _, c in ipairs({ phone, laptop, tablet }) do

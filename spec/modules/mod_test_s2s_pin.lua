@@ -8,7 +8,8 @@
 -- tcp4 127.0.0.1:<port>; any other domain gets a resolver with no targets, so the
 -- connection fails at once (the stanzas bounce) and no query leaves the machine. Load it
 -- on every host that may open s2s: VirtualHosts and components alike.
-local manual = require "prosody.net.resolvers.manual"
+local ok, manual = pcall(require, "prosody.net.resolvers.manual")
+if not ok then manual = require "net.resolvers.manual" end -- Prosody 0.12
 
 local pins = module:get_option("test_s2s_pins", {})
 
