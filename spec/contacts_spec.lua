@@ -202,3 +202,84 @@ describe("one-to-one traffic of a session joined to rooms", function()
 		no_tracebacks(remote)()
 	end)
 end)
+
+-- Which remote services are MUCs is learned from their disco#info (SPEC, "Rules that always
+-- hold"): a presence without <x/> to a service not known yet leaves untouched while the
+-- module asks; from the answer on, presences there are the account's. The same answer
+-- drops what an older version stored for a directed presence to a remote contact.
+describe("remote services learned by disco#info", function()
+	local home, remote
+	setup(function()
+		home, remote = Server.federation{
+			home = { module = true, modules = { "mam" }, muc_options = ROOM_OPTIONS },
+			remote = { module = false, host = REMOTE, muc_host = RMUC, muc_options = ROOM_OPTIONS },
+		}
+	end)
+	teardown(function()
+		close_all()
+		Server.stop_all()
+	end)
+
+	local function refused(c, room_nick)
+		local err = assert(c:wait_for(function(el)
+			return el.name == "presence" and el.attr.type == "error" and el.attr.from == room_nick
+		end))
+		return muc.error_condition(err)
+	end
+
+	it("takes presences without <x/> to a remote MUC for the account once disco#info said so", function()
+		local phone = connect(home, "alice", "phone")
+		local learned = log_count(home, RMUC .. " is a MUC service (disco#info)")
+		-- Unknown service: untouched, from phone's own JID; Prosody's MUC refuses a join
+		-- without <x/> and answers phone itself.
+		phone:send(st.presence({ to = "first@" .. RMUC .. "/Alice" }))
+		assert.equal("item-not-found", refused(phone, "first@" .. RMUC .. "/Alice"))
+		wait_log(home, RMUC .. " is a MUC service (disco#info)", learned)
+		assert.equal(0, log_count(home, "alice joins first@"))
+		-- Known now: the account tries (and the room answers the account, which relays
+		-- the refusal to phone), as it would for a local MUC.
+		phone:send(st.presence({ to = "second@" .. RMUC .. "/Alice" }))
+		assert.equal("item-not-found", refused(phone, "second@" .. RMUC .. "/Alice"))
+		assert.equal(1, log_count(home, "alice joins second@" .. RMUC .. " as Alice"))
+		assert.equal(1, log_count(home, "alice could not join second@" .. RMUC .. ": item-not-found"))
+		-- Asked once: the remote MUC got one disco#info from alice's server.
+		assert.equal(learned + 1, log_count(home, RMUC .. " is a MUC service (disco#info)"))
+		settle(phone)
+		assert.equal(1, count(phone.log, function(el)
+			return el.attr.type == "error" and el.attr.from == "second@" .. RMUC .. "/Alice"
+		end))
+		assert.equal("alice[]", muc.memberships(home, { "alice" }))
+		close_all()
+	end)
+
+	it("drops a stored membership in a remote contact's JID: disco#info shows no MUC", function()
+		local desk = connect(remote, "bob", "desk")
+		home:stop()
+		local dir = home.dir .. "/data/localhost/minimix"
+		os.execute("mkdir -p " .. dir)
+		local f = assert(io.open(dir .. "/alice.dat", "w"))
+		f:write('return { ["bob@remote.localhost"] = { nick = "desk" } };\n')
+		f:close()
+		local line = "Dropping the stored membership of alice in bob@remote.localhost"
+		local dropped = log_count(home, line)
+		home:relaunch()
+		wait_log(home, line, dropped)
+		settle(desk)
+		assert.equal(0, count(desk.log, muc_presence))
+		assert.equal(0, count(desk.log, function(el) return el.attr.from == ALICE end))
+		assert.equal(0, log_count(home, "alice rejoins after a restart: bob@"))
+		assert.equal(1, log_count(home, REMOTE .. " is not a MUC service (disco#info)"))
+		local stored = io.open(dir .. "/alice.dat")
+		if stored then
+			local data = assert(load(stored:read("a")))()
+			stored:close()
+			assert.is_nil(data and data["bob@remote.localhost"])
+		end
+		close_all()
+	end)
+
+	it("leaves no errors in the logs", function()
+		no_tracebacks(home)()
+		no_tracebacks(remote)()
+	end)
+end)
