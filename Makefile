@@ -24,18 +24,17 @@ SO := target/release/libminimix.so
 
 all: build
 
-build: $(PLUGIN)/mod_minimix.lua $(PLUGIN)/admin.lib.lua $(PLUGIN)/minimix.so
+# The shim and the Lua libraries it loads with module:require (lua/*.lib.lua).
+LUA_FILES := $(notdir $(wildcard lua/*.lua))
+
+build: $(addprefix $(PLUGIN)/,$(LUA_FILES)) $(PLUGIN)/minimix.so
 
 $(PLUGIN)/minimix.so: Cargo.toml Cargo.lock $(wildcard src/*.rs)
 	$(CARGO) build $(CARGO_FLAGS)
 	mkdir -p $(PLUGIN)
 	cp $(SO) $@.tmp && mv $@.tmp $@
 
-$(PLUGIN)/mod_minimix.lua: lua/mod_minimix.lua
-	mkdir -p $(PLUGIN)
-	cp $< $@
-
-$(PLUGIN)/admin.lib.lua: lua/admin.lib.lua
+$(PLUGIN)/%.lua: lua/%.lua
 	mkdir -p $(PLUGIN)
 	cp $< $@
 
@@ -90,7 +89,7 @@ soak: deps build
 
 install: build
 	install -d $(DESTDIR)$(PLUGIN_DIR)/mod_minimix
-	install -m 0644 $(PLUGIN)/mod_minimix.lua $(PLUGIN)/admin.lib.lua $(DESTDIR)$(PLUGIN_DIR)/mod_minimix/
+	install -m 0644 $(addprefix $(PLUGIN)/,$(LUA_FILES)) $(DESTDIR)$(PLUGIN_DIR)/mod_minimix/
 	install -m 0755 $(PLUGIN)/minimix.so $(DESTDIR)$(PLUGIN_DIR)/mod_minimix/
 
 # LuaRocks (mod_minimix-scm-1.rockspec): `luarocks make` runs rock-build, then rock-install
@@ -101,7 +100,7 @@ rock-build:
 
 rock-install:
 	install -d $(LUADIR)/mod_minimix
-	install -m 0644 $(PLUGIN)/mod_minimix.lua $(PLUGIN)/admin.lib.lua $(LUADIR)/mod_minimix/
+	install -m 0644 $(addprefix $(PLUGIN)/,$(LUA_FILES)) $(LUADIR)/mod_minimix/
 	install -m 0755 $(PLUGIN)/minimix.so $(LUADIR)/mod_minimix/
 
 # `make rock`: install into a scratch tree, pack that (LuaRocks 3.8's --pack-binary-rock

@@ -28,8 +28,6 @@ local NS_STANZA_ID = "urn:xmpp:sid:0";
 local NS_BOOKMARKS = "urn:xmpp:bookmarks:1";
 local NS_MUC = "http://jabber.org/protocol/muc";
 local NS_DISCO_INFO = "http://jabber.org/protocol/disco#info";
-local OP_DELIVER, OP_SEND = 1, 2;
-local FLAG_PERSIST, FLAG_ARCHIVE, FLAG_SEND_ORIGINAL, FLAG_ONE_SESSION = 1, 2, 4, 8;
 
 local host = module.host;
 local hosts = prosody.hosts;
@@ -52,6 +50,16 @@ local function load_core()
 end
 
 local minimix = load_core();
+if not (minimix.flags and minimix.ops) then
+	-- A minimix.so from an older version, still in memory after an in-place upgrade and a
+	-- reload (package.loadlib keeps what it loaded once).
+	module:log("error", "The loaded Rust core is older than this mod_minimix.lua: restart Prosody to finish upgrading");
+	return;
+end
+-- What the core's outcomes say, as the core names it (src/raw.rs, push_outcome).
+local OP_DELIVER, OP_SEND = minimix.ops.deliver, minimix.ops.send;
+local FLAG_PERSIST, FLAG_ARCHIVE = minimix.flags.persist, minimix.flags.archive;
+local FLAG_SEND_ORIGINAL, FLAG_ONE_SESSION = minimix.flags.send_original, minimix.flags.one_session;
 
 -- A setting read with its bounds; a bad value is logged and the default used instead.
 local function integer_setting(name, default, min)
@@ -87,13 +95,6 @@ local bookmarks_setting = module:get_option_boolean("minimix_bookmarks", true);
 -- `session_rooms[full_jid][room] == true`, kept up to date by the core and only read here.
 local core, room_event, session_event, control, session_rooms = minimix.new(host, config, st.stanza_mt);
 
--- A core from before the index (a minimix.so loaded by an older version of this file and
--- still in memory): every stanza goes through the core, which decides the same.
-local function no_index()
-	module:log("warn", "The loaded Rust core keeps no session index; restart Prosody to finish upgrading mod_minimix");
-	return {};
-end
-session_rooms = session_rooms or no_index();
 
 -- Which services are MUCs. A presence without <x xmlns='http://jabber.org/protocol/muc'/>
 -- is a join only when it goes to one (SPEC, rules that always hold): else it is a directed
@@ -266,14 +267,30 @@ local function log_notes(notes)
 	for _, note in ipairs(notes) do module:log("info", "%s", note); end
 end
 
--- What a session sends to a room it takes part in goes out from the account.
+-- What a session sends to a room it takes part in goes out from the account. When that
+-- fails, the stanza goes on untouched (from the session) as if the module were not loaded.
 local function send_from_account(stanza, user)
+	local from = stanza.attr.from;
 	stanza.attr.from = bare_jids[user];
 	local sent, err = pcall(module.send, module, stanza);
 	if not sent then
-		log_error("while sending for %s", stanza, err);
+		stanza.attr.from = from;
+		log_error("while sending for %s, passing it on untouched", stanza, err);
+		return nil;
 	end
 	return true;
+end
+
+-- A fork: the stanza that came in, to each of these sessions.
+local function fork(recipients, stanza)
+	for i = 1, #recipients do
+		local full = recipients[i];
+		local session = full_sessions[full];
+		if session then
+			stanza.attr.to = full;
+			session.send(stanza);
+		end
+	end
 end
 
 -- Carries out what the core decided. The core answers
@@ -299,65 +316,68 @@ local function finish(stanza, ok, handled, user, actions, notes, recipients, fla
 		end
 	end
 	if flags & FLAG_SEND_ORIGINAL ~= 0 then
-		send_from_account(stanza, user);
-	elseif flags & FLAG_ONE_SESSION ~= 0 then
-		local done, err = pcall(deliver_all, recipients, actions, stanza);
-		if not done then
-			log_error("while sending for %s", stanza, err);
-		end
+		return send_from_account(stanza, user);
+	end
+	-- Sending changes the addresses of the stanza that came in; a failure puts them back
+	-- and lets it go on as if this module were not loaded (some sessions may then get it
+	-- twice, none loses it).
+	local attr = stanza and stanza.attr; -- none for what the module does of its own accord
+	local from, to = attr and attr.from, attr and attr.to;
+	local sent, err = true, nil;
+	if flags & FLAG_ONE_SESSION ~= 0 then
+		sent, err = pcall(deliver_all, recipients, actions, stanza);
 	elseif recipients then
-		-- A fork: the stanza that came in, to each of these sessions.
-		for i = 1, #recipients do
-			local full = recipients[i];
-			local session = full_sessions[full];
-			if session then
-				stanza.attr.to = full;
-				session.send(stanza);
-			end
-		end
+		sent, err = pcall(fork, recipients, stanza);
 	elseif actions[1] then
-		local done, err = pcall(carry_out, user, actions, stanza);
-		if not done then
-			log_error("while sending for %s", stanza, err);
-		end
+		sent, err = pcall(carry_out, user, actions, stanza);
+	end
+	if not sent then
+		if attr then attr.from, attr.to = from, to; end
+		log_error("while sending for %s, passing it on untouched", stanza, err);
+		return nil;
 	end
 	if handled then return true; end
 	return nil;
 end
 
-local function test_fault(stanza)
-	local fault = stanza:get_child("fault", NS_TEST_FAULT);
-	if fault and fault.attr.kind == "lua-error" then
-		error("deliberate test fault");
-	end
-end
-
 local test_faults = config.test_faults;
+local decide = module:require("session_index").decide;
+
+-- With minimix_test_faults, a stanza carrying <fault xmlns='urn:xmpp:minimix:test-fault'
+-- kind='lua-error|panic'/> fails the module on purpose: a Lua error here, or a panic in the
+-- core (such a stanza goes to the core, whatever the index says). Every other stanza takes
+-- the production path.
+local function faulty(origin, stanza)
+	local fault = stanza:get_child("fault", NS_TEST_FAULT);
+	if fault.attr.kind == "lua-error" then
+		local _, err = pcall(error, "deliberate test fault");
+		log_failure(stanza, err);
+		return;
+	end
+	return finish(stanza, pcall(session_event, origin.username, origin.resource, stanza));
+end
 
 -- A stanza one of this host's client sessions sends (a presence without `to` is the
 -- session's broadcast presence, which the room sees through the account). Messages and
 -- broadcast presences only concern rooms the session takes part in, so the index decides
--- them without a call into the core, as the core would: a message to a room the session
--- takes part in, or to one of its occupants, goes out from the account (an error message
--- is dropped: it would make the room kick the account); anything else, and everything
--- from a session in no room (one-to-one chat, most presence broadcasts), is left alone.
+-- them without a call into the core (lua/session_index.lib.lua: the core decides the same);
+-- everything from a session in no room (one-to-one chat, most presence broadcasts) is left
+-- alone at once.
 local function from_session(event)
 	local origin, stanza = event.origin, event.stanza;
 	if origin.type ~= "c2s" or origin.host ~= host or not origin.resource then return; end
-	local to, name = stanza.attr.to, stanza.name;
-	if not to and name ~= "presence" then return; end
-	if not test_faults and (name == "message" or not to) then
-		local rooms = session_rooms[origin.full_jid];
-		if not rooms then return; end
-		if name == "message" then
-			if not rooms[to] then
-				local slash = to:find("/", 1, true);
-				if not (slash and rooms[to:sub(1, slash - 1)]) then return; end
-			end
-			if stanza.attr.type == "error" then return true; end
-			return send_from_account(stanza, origin.username);
-		end
+	if test_faults and stanza:get_child("fault", NS_TEST_FAULT) then
+		return faulty(origin, stanza);
 	end
+	local what = decide(session_rooms[origin.full_jid], stanza);
+	if what == "account" then
+		return send_from_account(stanza, origin.username);
+	elseif what == "drop" then
+		return true;
+	elseif what == nil then
+		return;
+	end
+	local to = stanza.attr.to;
 	if to then
 		-- Addresses on this server's VirtualHosts are accounts, never rooms.
 		local to_host = jid_host(to);
@@ -365,16 +385,9 @@ local function from_session(event)
 		if on and on.type == "local" then return; end
 		-- A presence without <x/> to a service not known as a MUC: the core takes it for a
 		-- contact's (unless the account has rooms there); learn the service for next time.
-		if name == "presence" and services[to_host] == nil and not stanza.attr.type
+		if stanza.name == "presence" and services[to_host] == nil and not stanza.attr.type
 			and to:find("/", 1, true) and not stanza:get_child("x", NS_MUC) then
 			is_muc_service(to_host, function () end);
-		end
-	end
-	if test_faults then
-		local ok, err = pcall(test_fault, stanza);
-		if not ok then
-			log_failure(stanza, err);
-			return;
 		end
 	end
 	return finish(stanza, pcall(session_event, origin.username, origin.resource, stanza));
@@ -458,9 +471,10 @@ function module.save()
 end
 
 function module.restore(saved)
-	if saved and saved.core and saved.room_event and saved.session_event and saved.control then
+	if saved and saved.core and saved.room_event and saved.session_event and saved.control
+		and saved.session_rooms then
 		core, room_event, session_event, control = saved.core, saved.room_event, saved.session_event, saved.control;
-		session_rooms = saved.session_rooms or no_index();
+		session_rooms = saved.session_rooms;
 		reloaded = true;
 	end
 end

@@ -114,5 +114,16 @@ pub fn exports(lua: &Lua) -> LuaResult<Table> {
         })?,
     )?;
     t.raw_set("version", env!("CARGO_PKG_VERSION"))?;
+    // The constants of the outcomes the hot entry points return (raw.rs, push_outcome).
+    let flags = lua.create_table()?;
+    flags.raw_set("persist", raw::FLAG_PERSIST)?;
+    flags.raw_set("archive", raw::FLAG_ARCHIVE)?;
+    flags.raw_set("send_original", raw::FLAG_SEND_ORIGINAL)?;
+    flags.raw_set("one_session", raw::FLAG_ONE_SESSION)?;
+    t.raw_set("flags", flags)?;
+    let ops = lua.create_table()?;
+    ops.raw_set("deliver", raw::OP_DELIVER)?;
+    ops.raw_set("send", raw::OP_SEND)?;
+    t.raw_set("ops", ops)?;
     Ok(t)
 }

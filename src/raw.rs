@@ -29,14 +29,21 @@ use crate::stanza::{Head, Kind, NS_CLIENT, NS_MUC, NS_MUC_USER, NS_STANZAS, Payl
 /// Stanzas nested deeper than this are not serialized (they pass on untouched).
 const MAX_DEPTH: usize = 64;
 
-/// Flags beside persist (1) and archive (2): send the stanza that came in from the account.
-const FLAG_SEND_ORIGINAL: ffi::lua_Integer = 4;
+// What the shim reads in an outcome (see `push_outcome`). Handed to Lua as
+// `minimix.flags` and `minimix.ops` (bridge.rs), never written down again on that side.
+/// Store the account's memberships again.
+pub(crate) const FLAG_PERSIST: ffi::lua_Integer = 1;
+/// Archive the stanza that came in for the account, before forking it.
+pub(crate) const FLAG_ARCHIVE: ffi::lua_Integer = 2;
+/// Send the stanza that came in from the account.
+pub(crate) const FLAG_SEND_ORIGINAL: ffi::lua_Integer = 4;
 /// `actions` is a plain list of stanzas, all for the one session whose full JID is in
 /// `recipients` (a later join served locally).
-const FLAG_ONE_SESSION: ffi::lua_Integer = 8;
+pub(crate) const FLAG_ONE_SESSION: ffi::lua_Integer = 8;
 
-const OP_DELIVER: i64 = 1;
-const OP_SEND: i64 = 2;
+/// The op of an action quadruple: deliver to a session, or send from the account.
+pub(crate) const OP_DELIVER: i64 = 1;
+pub(crate) const OP_SEND: i64 = 2;
 
 /// The state of one VirtualHost, shared by the hot entry points and the admin methods.
 pub struct Shared {
@@ -811,8 +818,8 @@ unsafe fn push_outcome(l: *mut lua_State, shared: &Shared, out: Outcome) -> Resu
         if !out.handled && out.notes.is_empty() && out.actions.is_empty() && !out.persist {
             return Ok(0);
         }
-        let flags =
-            ffi::lua_Integer::from(out.persist) | (ffi::lua_Integer::from(out.archive) << 1);
+        let flags = if out.persist { FLAG_PERSIST } else { 0 }
+            | if out.archive { FLAG_ARCHIVE } else { 0 };
         ffi::lua_checkstack(l, 8);
         ffi::lua_pushboolean(l, c_int::from(out.handled));
         match &out.user {
