@@ -818,8 +818,8 @@ unsafe fn push_outcome(l: *mut lua_State, shared: &Shared, out: Outcome) -> Resu
         if !out.handled && out.notes.is_empty() && out.actions.is_empty() && !out.persist {
             return Ok(0);
         }
-        let flags = if out.persist { FLAG_PERSIST } else { 0 }
-            | if out.archive { FLAG_ARCHIVE } else { 0 };
+        let flags =
+            if out.persist { FLAG_PERSIST } else { 0 } | if out.archive { FLAG_ARCHIVE } else { 0 };
         ffi::lua_checkstack(l, 8);
         ffi::lua_pushboolean(l, c_int::from(out.handled));
         match &out.user {
