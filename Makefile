@@ -5,6 +5,7 @@
 #   make shell      the admin shell of that server (CMD='minimix memberships alice@localhost')
 #   make test       install what is missing, then fmt, clippy, cargo test, luacheck, busted
 #   make test-trunk build Prosody trunk into build/prosody-trunk (once), run the specs on it
+#   make trunk      only build it (then: make run PROSODY=build/prosody-trunk/prosody)
 #   make fuzz       the core's property tests with 100000 cases (a few minutes)
 #   make install    copy build/mod_minimix/ into $(PLUGIN_DIR)
 #   make rock       pack a binary LuaRocks rock into build/ (for prosodyctl install)
@@ -25,7 +26,7 @@ C2S_PORT ?= 5222
 PLUGIN := build/mod_minimix
 SO := target/release/libminimix.so
 
-.PHONY: all build deps run shell test test-trunk check unit spec lint install clean rock rock-build rock-install bench soak fuzz FORCE
+.PHONY: all build deps run shell test test-trunk trunk check unit spec lint install clean rock rock-build rock-install bench soak fuzz FORCE
 
 all: build
 
@@ -114,8 +115,11 @@ $(TRUNK_STAMP): $(TRUNK_TARBALL) | deps
 	tar -xzf $(TRUNK_TARBALL) -C $(TRUNK) --strip-components=1
 	cd $(TRUNK) && ./configure --ostype=debian --lua-version=5.4 >configure.log 2>&1 \
 		|| { cat configure.log; exit 1; }
-	MAKEFLAGS= $(MAKE) -C $(TRUNK) >$(TRUNK)/make.log 2>&1 || { tail -n 40 $(TRUNK)/make.log; exit 1; }
+	env -u MAKEFLAGS -u MAKELEVEL make -C $(TRUNK) >$(TRUNK)/make.log 2>&1 \
+		|| { tail -n 40 $(TRUNK)/make.log; exit 1; }
 	touch $@
+
+trunk: $(TRUNK_STAMP)
 
 test-trunk: $(TRUNK_STAMP)
 	$(MAKE) spec PROSODY=$(CURDIR)/$(TRUNK)/prosody
