@@ -73,7 +73,7 @@ run: deps build
 # Without CMD an interactive admin shell; with it, one command, e.g.
 # make shell CMD='minimix room test@conference.localhost'. Give the PROSODY= of `make run`.
 shell:
-	@test -f $(DEV_CONFIG) || { echo "make shell: no development server; start one with 'make run'" >&2; exit 1; }
+	@test -S $(CURDIR)/build/dev/data/prosody.sock || { echo "make shell: the 'make run' server is not running" >&2; exit 1; }
 	@exec scripts/prosody-cmd.sh prosodyctl --config $(DEV_CONFIG) shell $(CMD)
 
 lint:
