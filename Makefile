@@ -2,13 +2,19 @@
 #
 #   make            build build/mod_minimix/ (the shim + the Rust core for the target Lua)
 #   make run        install what is missing, build, start a development Prosody (Ctrl-C stops)
+#   make shell      the admin shell of that server (CMD='minimix memberships alice@localhost')
 #   make test       install what is missing, then fmt, clippy, cargo test, luacheck, busted
+#   make test-trunk build Prosody trunk into build/prosody-trunk (once), run the specs on it
+#   make trunk      only build it (then: make run PROSODY=build/prosody-trunk/prosody)
 #   make fuzz       the core's property tests with 100000 cases (a few minutes)
 #   make install    copy build/mod_minimix/ into $(PLUGIN_DIR)
 #   make rock       pack a binary LuaRocks rock into build/ (for prosodyctl install)
 
+# The Prosody to build for and test against: an installed `prosody` script or a source
+# tree's (scripts/prosody-cmd.sh runs either; every recipe below sees it in the environment).
 PROSODY ?= /usr/bin/prosody
-# The Cargo feature of the Lua the target Prosody runs (lua54 for Prosody 13).
+export PROSODY
+# The Cargo feature of the Lua the target Prosody runs (lua54 for Prosody 13 and trunk).
 LUA_FEATURE ?= $(shell scripts/lua-feature.sh $(PROSODY))
 CARGO ?= cargo
 CARGO_FLAGS = --release --no-default-features --features $(LUA_FEATURE)
@@ -20,7 +26,7 @@ C2S_PORT ?= 5222
 PLUGIN := build/mod_minimix
 SO := target/release/libminimix.so
 
-.PHONY: all build deps run test check unit spec lint install clean rock rock-build rock-install bench soak fuzz
+.PHONY: all build deps run shell test test-trunk trunk check unit spec lint install clean rock rock-build rock-install bench soak fuzz FORCE
 
 all: build
 
@@ -29,7 +35,13 @@ LUA_FILES := $(notdir $(wildcard lua/*.lua))
 
 build: $(addprefix $(PLUGIN)/,$(LUA_FILES)) $(PLUGIN)/minimix.so
 
-$(PLUGIN)/minimix.so: Cargo.toml Cargo.lock $(wildcard src/*.rs)
+# build/lua-feature records the feature minimix.so was built for; it changes (and so
+# rebuilds minimix.so) only when the target Lua does.
+build/lua-feature: FORCE
+	@mkdir -p build
+	@echo $(LUA_FEATURE) | cmp -s - $@ || echo $(LUA_FEATURE) > $@
+
+$(PLUGIN)/minimix.so: Cargo.toml Cargo.lock $(wildcard src/*.rs src/*/*.rs) build/lua-feature
 	$(CARGO) build $(CARGO_FLAGS)
 	mkdir -p $(PLUGIN)
 	cp $(SO) $@.tmp && mv $@.tmp $@
@@ -39,17 +51,29 @@ $(PLUGIN)/%.lua: lua/%.lua
 	cp $< $@
 
 deps:
-	scripts/install-deps.sh
+	@scripts/install-deps.sh
+
+# The development server (scripts/dev-config.sh writes build/dev/prosody.cfg.lua); it logs
+# to the terminal and to build/dev/prosody.log. `make shell` talks to it while it runs.
+DEV_CONFIG := $(CURDIR)/build/dev/prosody.cfg.lua
 
 run: deps build
 	@cfg=$$(C2S_PORT=$(C2S_PORT) scripts/dev-config.sh); \
 	echo; \
-	echo "Prosody with mod_minimix on 127.0.0.1:$(C2S_PORT)"; \
+	echo "Prosody with mod_minimix on 127.0.0.1:$(C2S_PORT) ($(PROSODY))"; \
 	echo "  accounts: alice@localhost, bob@localhost (password: pass)"; \
-	echo "  rooms:    anything@conference.localhost"; \
+	echo "  rooms:    anything@conference.localhost (open at once, no configuration step)"; \
 	echo "  connect a client to 127.0.0.1 port $(C2S_PORT), no TLS, PLAIN auth; Ctrl-C stops"; \
+	echo "  log:      here and in build/dev/prosody.log"; \
+	echo "  admin:    make shell (CMD='minimix memberships alice@localhost' for one command)"; \
 	echo; \
-	exec $(PROSODY) --config $$cfg -F
+	exec scripts/prosody-cmd.sh prosody --config "$$cfg" -F
+
+# Without CMD an interactive admin shell; with it, one command, e.g.
+# make shell CMD='minimix room test@conference.localhost'. Give the PROSODY= of `make run`.
+shell:
+	@test -S $(CURDIR)/build/dev/data/prosody.sock || { echo "make shell: the 'make run' server is not running" >&2; exit 1; }
+	@exec scripts/prosody-cmd.sh prosodyctl --config $(DEV_CONFIG) shell $(CMD)
 
 lint:
 	$(CARGO) fmt --all -- --check
@@ -72,6 +96,32 @@ check: lint unit spec
 
 test: deps
 	$(MAKE) check
+
+# Prosody trunk from the snapshot in ../shared/prosody (or TRUNK_TARBALL=…), unpacked and
+# built in build/prosody-trunk once (the stamp file marks a finished build), then the whole
+# busted suite against it. `make test PROSODY=/path/to/checkout/prosody` tests any other.
+TRUNK_TARBALL ?= ../shared/prosody/prosody-trunk-f14f1b331.tar.gz
+TRUNK := build/prosody-trunk
+TRUNK_STAMP := $(TRUNK)/.minimix-built
+
+$(TRUNK_TARBALL):
+	@echo "make test-trunk: no Prosody trunk snapshot at $@ (TRUNK_TARBALL=… names another)" >&2; exit 1
+
+$(TRUNK_STAMP): $(TRUNK_TARBALL) | deps
+	@echo "Building Prosody trunk from $(TRUNK_TARBALL) in $(TRUNK) (once)"
+	rm -rf $(TRUNK)
+	mkdir -p $(TRUNK)
+	tar -xzf $(TRUNK_TARBALL) -C $(TRUNK) --strip-components=1
+	cd $(TRUNK) && ./configure --ostype=debian --lua-version=5.4 >configure.log 2>&1 \
+		|| { cat configure.log; exit 1; }
+	env -u MAKEFLAGS -u MAKELEVEL make -C $(TRUNK) >$(TRUNK)/make.log 2>&1 \
+		|| { tail -n 40 $(TRUNK)/make.log; exit 1; }
+	touch $@
+
+trunk: $(TRUNK_STAMP)
+
+test-trunk: $(TRUNK_STAMP)
+	$(MAKE) spec PROSODY=$(CURDIR)/$(TRUNK)/prosody
 
 # Speed and memory against plain Prosody and a pure-Lua implementation (README, Performance).
 # In process: Prosody's GC settings, then with 1,000 other memberships held, then Lua's

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Writes a development Prosody config under build/dev for `make run`: VirtualHost
 # localhost with mod_minimix, MUC component conference.localhost, accounts alice and bob
-# (password "pass"), listening on 127.0.0.1 only.
+# (password "pass"), listening on 127.0.0.1 only. It logs to the terminal and to
+# build/dev/prosody.log; rooms are open at once (no locked configuration step).
 set -eu
 top=$(cd "$(dirname "$0")/.." && pwd)
 dev="$top/build/dev"
@@ -36,13 +37,19 @@ c2s_require_encryption = false
 allow_unencrypted_plain_auth = true
 authentication = "internal_plain"
 storage = "internal"
-log = { { levels = { min = "info" }, to = "console" } }
+log = {
+	{ levels = { min = "info" }, to = "console" };
+	{ levels = { min = "info" }, to = "file", filename = "$dev/prosody.log" };
+}
 
 VirtualHost "localhost"
 	modules_enabled = { "minimix" }
 
 Component "conference.localhost" "muc"
 	restrict_room_creation = false
+	-- A new room is usable at once instead of waiting for its creator to submit the
+	-- configuration form (XEP-0045 "instant room"); production servers keep the default.
+	muc_room_locking = false
 	modules_enabled = { "muc_mam" }
 CFG
 echo "$dev/prosody.cfg.lua"

@@ -1,6 +1,11 @@
 #!/usr/bin/env bash
 # Installs what building and testing mod_minimix needs on a Debian 12 machine:
-# Prosody 13 from bookworm-backports, Lua 5.4 with headers, busted, luacheck, luarocks.
+# Prosody 13 from bookworm-backports, Lua 5.4 with headers, busted, luacheck, luarocks,
+# lua-unbound (Prosody's DNS resolver; without it Prosody prints a warning at every start),
+# and what building Prosody trunk from source needs (make test-trunk): a C compiler, the
+# ICU and OpenSSL headers (its ./configure uses ICU for IDNA unless told otherwise),
+# lua-expat, lua-filesystem, lua-socket and lua-sec.
+# Quick and silent when everything is there.
 # The backports source is derived from the machine's own apt sources, so no
 # mirror host name is written here.
 set -euo pipefail
@@ -13,6 +18,14 @@ command -v busted >/dev/null 2>&1 || need+=(lua-busted)
 command -v luacheck >/dev/null 2>&1 || need+=(lua-check)
 [ -f /usr/bin/pkg-config ] || need+=(pkg-config)
 command -v luarocks >/dev/null 2>&1 || need+=(luarocks)
+command -v cc >/dev/null 2>&1 || need+=(gcc)
+command -v make >/dev/null 2>&1 || need+=(make)
+# Libraries: ask dpkg which of these are installed, in one call.
+libs=(lua-socket lua-expat lua-filesystem lua-sec lua-unbound libicu-dev libssl-dev libc6-dev)
+have=" $(dpkg-query -W -f='${Package} ${db:Status-Abbrev}\n' "${libs[@]}" 2>/dev/null | awk '$2 == "ii" { printf "%s ", $1 }' || true)"
+for p in "${libs[@]}"; do
+  case "$have" in *" $p "*) ;; *) need+=("$p") ;; esac
+done
 
 if [ ${#need[@]} -eq 0 ]; then
   exit 0
@@ -47,7 +60,7 @@ pkgs=()
 for p in "${need[@]}"; do
   if [ "$p" = prosody ]; then pkgs+=(prosody/bookworm-backports); else pkgs+=("$p"); fi
 done
-DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${pkgs[@]}" lua-socket lua-expat
+DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${pkgs[@]}"
 # The Debian package starts a system Prosody; the tests start their own.
 if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet prosody 2>/dev/null; then
   $SUDO systemctl stop prosody || true

@@ -124,12 +124,6 @@ local function module_path(srv)
 	return out:match("Result: (%S+)")
 end
 
---- The prosodyctl beside the Prosody under test (an installed one: PROSODY or /usr/bin/prosody).
-local function prosodyctl()
-	local exe = run("readlink -f " .. sh_quote(os.getenv("PROSODY") or "/usr/bin/prosody")):gsub("%s+$", "")
-	return sh_quote(exe:match("^(.*)/[^/]*$") .. "/prosodyctl")
-end
-
 local function has_luarocks()
 	local _, ok = run("command -v luarocks")
 	return ok
@@ -412,7 +406,8 @@ describe("installation", function()
 			global_options = { installer_plugin_path = installer },
 			muc_options = { muc_room_locking = false },
 		}
-		out, ok = run(("cd / && %s --config %s install %s"):format(prosodyctl(), sh_quote(srv.config), sh_quote(rock)))
+		out, ok = run(Server.prosody_shell_command("prosodyctl",
+			("--config %s install %s"):format(sh_quote(srv.config), sh_quote(rock))))
 		assert.is_true(ok, out)
 		local dir = installer .. "/share/lua/5.4/mod_minimix/"
 		assert.truthy(io.open(dir .. "minimix.so"), out)

@@ -42,8 +42,9 @@
 -- and kills it if the test process (busted) goes away without calling stop().
 --
 -- PROSODY=/path/to/prosody selects the executable: an installed one (its CFG_SOURCEDIR
--- points at the libraries) or a source checkout (run with $PROSODY_LUA, default lua5.4,
--- from inside the checkout). Temp dirs are removed by stop_all()/destroy() unless
+-- points at the libraries) or a source checkout (run from inside it with the Lua its
+-- ./configure chose, or $PROSODY_LUA); scripts/prosody-cmd.sh decides, for everything
+-- that starts Prosody or prosodyctl (Server.prosody_command). Temp dirs are removed by stop_all()/destroy() unless
 -- MINIMIX_KEEP_TMP is set.
 
 local socket = require "socket"
@@ -100,29 +101,45 @@ end
 ---------------------------------------------------------------------------
 -- Locating Prosody
 
-local function prosody_script()
-	local exe = os.getenv("PROSODY") or "/usr/bin/prosody"
-	if not exe:find("/", 1, true) then
-		local found = capture("command -v " .. sh_quote(exe)):gsub("%s+$", "")
-		assert(found ~= "", "prosody executable not found: " .. exe)
-		exe = found
+-- How to run the Prosody under test, as scripts/prosody-cmd.sh (the one place that tells an
+-- installed Prosody from a source tree) prints it: kind, cwd, lua, libdir, argv. PROSODY and
+-- PROSODY_LUA are read here (os.getenv) and handed to the script, asked once per value.
+local command_cache = {}
+local function prosody_info(name)
+	local exe, lua = os.getenv("PROSODY") or "", os.getenv("PROSODY_LUA") or ""
+	local key = table.concat({ name, exe, lua }, "\0")
+	if not command_cache[key] then
+		local cmd = ("PROSODY=%s PROSODY_LUA=%s %s --print %s 2>&1"):format(sh_quote(exe), sh_quote(lua),
+			sh_quote(repo_root() .. "/scripts/prosody-cmd.sh"), name)
+		local out, ok = capture(cmd)
+		assert(ok, "scripts/prosody-cmd.sh: " .. out)
+		local info = {}
+		for line in out:gmatch("[^\n]+") do
+			local k, v = line:match("^(%w+)=(.*)$")
+			if k then info[k] = v end
+		end
+		assert(info.kind and info.cwd and info.argv and info.libdir, "scripts/prosody-cmd.sh: " .. out)
+		command_cache[key] = info
 	end
-	exe = realpath(exe)
-	assert(read_file(exe), "cannot read prosody executable " .. exe)
-	return exe
+	return command_cache[key]
 end
 
--- Installed Prosody has the library dir baked into the script; a checkout does not.
-local function script_sourcedir(script)
-	local text = read_file(script) or ""
-	return text:match("\nCFG_SOURCEDIR%s*=%s*['\"]([^'\"]+)['\"]")
+--- How the Prosody under test runs `name` ("prosody" or "prosodyctl"): a table with kind
+--- ("installed" or "source"), cwd, lua, libdir and argv (shell-quoted words to run from cwd).
+function Server.prosody_command(name)
+	return prosody_info(name or "prosody")
+end
+
+--- A shell command line that runs `name` ("prosody"/"prosodyctl") with the shell-quoted
+--- `args` (a string) from the right folder.
+function Server.prosody_shell_command(name, args)
+	local info = prosody_info(name)
+	return ("cd %s && %s %s"):format(sh_quote(info.cwd), info.argv, args or "")
 end
 
 --- Directory holding Prosody's util/, core/, net/ (and loader.lua on 0.12+/13).
 function Server.prosody_lib_dir()
-	local script = prosody_script()
-	local dir = script_sourcedir(script) or dirname(script)
-	return (dir:gsub("/+$", ""))
+	return prosody_info("prosody").libdir
 end
 
 -- Make that Prosody's libraries loadable here (util.stanza and the rest, as
@@ -135,17 +152,6 @@ function Server.use_prosody_libraries()
 	end
 	pcall(require, "loader") -- Prosody 13 modules require "prosody.util.*"; loader maps them
 	return libdir
-end
-
--- argv prefix (already shell-quoted) and working dir to run a sibling of the prosody
--- script ("prosody" or "prosodyctl").
-local function command_for(name)
-	local script = prosody_script()
-	local path = dirname(script) .. "/" .. name
-	if script_sourcedir(script) then
-		return sh_quote(path), "/"
-	end
-	return sh_quote(os.getenv("PROSODY_LUA") or "lua5.4") .. " " .. sh_quote(path), dirname(script)
 end
 
 ---------------------------------------------------------------------------
@@ -398,7 +404,8 @@ end
 -- Launch Prosody under a supervising shell: it records the PID, waits for Prosody (so it is
 -- reaped at once) and, in the background, kills it if the test process disappears.
 function Server:launch()
-	local prosody, cwd = command_for("prosody")
+	local info = prosody_info("prosody")
+	local prosody, cwd = info.argv, info.cwd
 	local pidfile = self.dir .. "/harness.pid"
 	os.remove(pidfile)
 	local script = table.concat({
@@ -629,9 +636,8 @@ end
 --- Run `prosodyctl --config <cfg> shell <cmd>` against the admin socket.
 --- Returns the output (stdout+stderr) and whether the command succeeded.
 function Server:shell(cmd)
-	local prosodyctl, cwd = command_for("prosodyctl")
-	local out, ok = capture(("cd %s && %s --config %s shell %s 2>&1"):format(sh_quote(cwd), prosodyctl,
-		sh_quote(self.config), sh_quote(cmd)))
+	local out, ok = capture(Server.prosody_shell_command("prosodyctl",
+		("--config %s shell %s 2>&1"):format(sh_quote(self.config), sh_quote(cmd))))
 	return out, ok == true
 end
 
