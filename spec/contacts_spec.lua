@@ -42,16 +42,7 @@ local function muc_presence(el)
 	return el.name == "presence" and (el:get_child("x", NS_MUC) ~= nil or el:get_child("x", NS_MUC_USER) ~= nil)
 end
 
---- How many messages with `body` `c`'s account archive holds for `with`.
-local function archived(c, with, body)
-	local results, fin = muc.mam_query(c, with)
-	assert.equal("result", fin.attr.type)
-	local n = 0
-	for _, r in ipairs(results) do
-		if r.message and Client.body(r.message) == body then n = n + 1 end
-	end
-	return n
-end
+local archived = muc.archived
 
 describe("one-to-one traffic of a session joined to rooms", function()
 	local home, remote

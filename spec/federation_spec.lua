@@ -120,16 +120,7 @@ local function any_presence(from)
 	return function(el) return el.name == "presence" and el.attr.from == from end
 end
 
---- The groupchat messages with `body` in `c`'s account archive for `room`.
-local function archived(c, room, body)
-	local results, fin = muc.mam_query(c, room)
-	assert.equal("result", fin.attr.type)
-	local n = 0
-	for _, r in ipairs(results) do
-		if r.message and Client.body(r.message) == body then n = n + 1 end
-	end
-	return n
-end
+local archived = muc.archived
 
 ---------------------------------------------------------------------------
 

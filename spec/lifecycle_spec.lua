@@ -16,7 +16,6 @@ local NS_MUC_OWNER = "http://jabber.org/protocol/muc#owner"
 local NS_MUC_USER = "http://jabber.org/protocol/muc#user"
 local NS_PUBSUB = "http://jabber.org/protocol/pubsub"
 local NS_BOOKMARKS = "urn:xmpp:bookmarks:1"
-local NS_MAM = "urn:xmpp:mam:2"
 local NS_FORWARD = "urn:xmpp:forward:0"
 local NS_CARBONS = "urn:xmpp:carbons:2"
 local NS_SID = "urn:xmpp:sid:0"
@@ -126,31 +125,9 @@ local function retract_bookmark(c, room)
 		:tag("retract", { node = NS_BOOKMARKS, notify = "true" }):tag("item", { id = room })))
 end
 
---- Query the account's own MAM archive for messages with `with`; returns a list of
---- { id =, message = } in archive order, and the final iq.
 local function mam_query(c, with)
-	local queryid = Client.new_id()
-	local iq = st.iq({ type = "set", to = c.bare, id = Client.new_id() })
-		:tag("query", { xmlns = NS_MAM, queryid = queryid })
-		:tag("x", { xmlns = "jabber:x:data", type = "submit" })
-		:tag("field", { var = "FORM_TYPE", type = "hidden" }):text_tag("value", NS_MAM):up()
-		:tag("field", { var = "with" }):text_tag("value", with):up()
-	local fin = assert(c:iq(iq))
+	local results, fin = muc.mam_query(c, with)
 	assert.equal("result", fin.attr.type)
-	local results = {}
-	-- The results come before the final iq: they are in the inbox (wait_for keeps the rest).
-	while true do
-		local el = c:wait_for(function(m)
-			local r = m.name == "message" and m:get_child("result", NS_MAM)
-			return r and r.attr.queryid == queryid
-		end, 0.01)
-		if not el then break end
-		local r = el:get_child("result", NS_MAM)
-		results[#results + 1] = {
-			id = r.attr.id,
-			message = r:find("{" .. NS_FORWARD .. "}forwarded/{jabber:client}message"),
-		}
-	end
 	return results, fin
 end
 

@@ -190,6 +190,18 @@ local function mam_query(c, with)
 	return results, fin
 end
 
+--- How many messages with `body` `c`'s own archive holds for `with`. (Plain Lua: busted's
+--- assert is not seen from a required module.)
+local function archived(c, with, body)
+	local results, fin = mam_query(c, with)
+	if fin.attr.type ~= "result" then error("MAM query for " .. with .. " failed: " .. tostring(fin), 2) end
+	local n = 0
+	for _, r in ipairs(results) do
+		if r.message and Client.body(r.message) == body then n = n + 1 end
+	end
+	return n
+end
+
 --- Wait until every given client is quiet (nothing for 0.3 s), emptying their inboxes.
 local function settle(...)
 	Client.collect_all({ ... })
@@ -260,5 +272,6 @@ return {
 	memberships = memberships,
 	occupant_jids = occupant_jids,
 	mam_query = mam_query,
+	archived = archived,
 	no_tracebacks = no_tracebacks,
 }
