@@ -540,8 +540,12 @@ impl Host {
         let seq = self.presence_seq;
         // The session's presence as the room would see it (made only where it is needed).
         let own_presence = || presence::reduce(&el.xml(), seq);
-        let own_jid: Rc<str> = format!("{user}@{}/{resource}", self.domain).into();
-        let Some(m) = self.membership_mut(user, room) else {
+        // (The accounts alone are borrowed, so the domain stays at hand.)
+        let Some(m) = self
+            .accounts
+            .get_mut(user)
+            .and_then(|a| a.rooms.get_mut(room))
+        else {
             // First join: the account joins. The membership is recorded before the join is
             // sent, because a MUC on this server answers while the join is being sent.
             let joined_rooms = self.accounts.get(user).map_or(0, |a| a.rooms.len());
@@ -628,6 +632,7 @@ impl Host {
                 m.add(resource, true);
                 out.participants_changed(room);
                 set_presence(m, resource, own_presence());
+                let own_jid: Rc<str> = format!("{user}@{}/{resource}", self.domain).into();
                 serve_join(m, &own_jid, resource, el, nick, now, &mut out);
                 served_locally = true;
                 update_room_presence(m, &mut out);
