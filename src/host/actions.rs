@@ -1,0 +1,115 @@
+//! What the module does on its own: rejoin after a restart, follow bookmarks, leave when
+//! an admin asks.
+
+use super::Host;
+use crate::membership::{Membership, Phase};
+use crate::outcome::{Action, Out, Outcome};
+use crate::presence;
+use crate::stanza::Addr;
+
+impl Host {
+    /// Rejoin a stored membership after a restart, with no session and no history.
+    pub fn restore(
+        &mut self,
+        user: &str,
+        room: &str,
+        nick: &str,
+        password: Option<&str>,
+    ) -> Outcome {
+        self.join_without_session(user, room, nick, password, "rejoins after a restart")
+    }
+
+    /// A XEP-0402 bookmark was published (`autojoin` as it says) or retracted (false).
+    pub fn bookmark(
+        &mut self,
+        user: &str,
+        room: &str,
+        nick: Option<&str>,
+        password: Option<&str>,
+        autojoin: bool,
+    ) -> Outcome {
+        let joined = self
+            .membership(user, room)
+            .is_some_and(|m| m.phase != Phase::Leaving);
+        match (autojoin, joined) {
+            (true, false) => {
+                let nick = nick.unwrap_or(user).to_owned();
+                self.join_without_session(user, room, &nick, password, "joins from a bookmark")
+            }
+            (false, true) => self.leave(user, room, "its bookmark no longer asks to join"),
+            _ => Outcome::pass(),
+        }
+    }
+
+    fn join_without_session(
+        &mut self,
+        user: &str,
+        room: &str,
+        nick: &str,
+        password: Option<&str>,
+        why: &str,
+    ) -> Outcome {
+        if self.membership(user, room).is_some() {
+            return Outcome::pass();
+        }
+        // The same rules as for what sessions send: a room has a node, no resource, and
+        // lives on another host than this one.
+        let Some(muc_host) = Addr::parse(room)
+            .filter(|a| a.node.is_some() && a.resource.is_none() && a.domain != self.domain)
+            .map(|a| a.domain)
+        else {
+            return Outcome::pass();
+        };
+        if self.excluded(room, muc_host) || jid::FullJid::new(&format!("{room}/{nick}")).is_err() {
+            return Outcome::pass();
+        }
+        let max_rooms = self.config.max_rooms;
+        let account = self.accounts.entry(user.to_owned()).or_default();
+        let mut out = Outcome::handled(user);
+        if account.rooms.len() >= max_rooms {
+            out.notes.push(format!(
+                "{user} does not join {room}: already in {max_rooms} rooms (minimix_max_rooms)"
+            ));
+            return out;
+        }
+        let mut m = Membership::without_sessions(room, nick);
+        m.made_by_module = true;
+        m.password = password.map(str::to_owned);
+        // The join carries a plain available presence: that is what the room shows until
+        // a session says otherwise.
+        m.shown = presence::reduce("<presence xmlns='jabber:client'/>", 0).map(|p| p.xml);
+        account.rooms.insert(room.to_owned(), m);
+        out.notes.push(format!("{user} {why}: {room} as {nick}"));
+        out.persist = true;
+        out.actions.push(Action::Send {
+            stanza: Out::New(presence::join_for_room(room, nick, password)),
+        });
+        out
+    }
+
+    /// Make the account leave a room; its joined sessions get the room's answer.
+    pub fn leave(&mut self, user: &str, room: &str, why: &str) -> Outcome {
+        let Some(m) = self.membership_mut(user, room) else {
+            return Outcome::pass();
+        };
+        if m.phase == Phase::Leaving {
+            return Outcome::pass();
+        }
+        let mut out = Outcome::handled(user);
+        m.phase = Phase::Leaving;
+        let resources: Vec<String> = m.recipients().map(str::to_owned).collect();
+        m.participants.clear();
+        out.participants_changed(room);
+        for r in resources {
+            if !m.leave_waiters.contains(&r) {
+                m.leave_waiters.push(r);
+            }
+        }
+        out.notes.push(format!("{user} leaves {room}: {why}"));
+        out.persist = true;
+        out.actions.push(Action::Send {
+            stanza: Out::New(presence::leave_for_room(room, &m.nick)),
+        });
+        out
+    }
+}
