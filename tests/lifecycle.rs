@@ -273,6 +273,16 @@ impl World {
         Seen::of(&o, &el("<presence/>"))
     }
 
+    /// Time passes to `now`; the host does what is due (its timers).
+    fn tick(&mut self, now: i64) -> Vec<Seen> {
+        self.now = now;
+        let outcomes = self.host.tick(now);
+        outcomes
+            .iter()
+            .map(|o| Seen::of(o, &el("<presence/>")))
+            .collect()
+    }
+
     fn members(&self) -> Vec<(String, String, Vec<String>)> {
         self.host.memberships_of(USER)
     }
@@ -1225,4 +1235,75 @@ fn a_rejoin_that_makes_the_room_anew_accepts_its_default_configuration() {
     w.session("phone", &join("Al", ""));
     let s = w.room(&self_presence("Al", &[110, 201]));
     assert!(s.sent().is_empty());
+}
+
+// ---------------------------------------------------------------------------------------
+// Timers: a proxied IQ is waited for `iq_timeout` seconds (flow 6)
+
+/// phone asks bob's version through the room at T0; the module's id for it.
+fn version_asked(w: &mut World) -> String {
+    let s = w.session(
+        "phone",
+        "<iq type='get' to='$R/bob' id='v1'><query xmlns='jabber:iq:version'/></iq>",
+    );
+    assert_eq!(s.sent().len(), 1, "{:?}", s.acts);
+    s.sent()[0].attr("id").expect("an id").to_owned()
+}
+
+fn version_reply(id: &str) -> String {
+    format!("<iq type='result' from='$R/bob' id='{id}'><query xmlns='jabber:iq:version'/></iq>")
+}
+
+#[test]
+fn a_reply_after_the_iq_timeout_and_a_tick_is_not_routed() {
+    let mut w = joined();
+    let timeout = w.host.config().iq_timeout;
+    assert_eq!(w.host.next_deadline(), None);
+    let id = version_asked(&mut w);
+    assert_eq!(w.host.next_deadline(), Some(T0 + timeout + 1));
+    // Nothing is sent when an IQ expires: Prosody tells a client nothing either.
+    assert!(w.tick(T0 + timeout + 1).is_empty());
+    let st = w.host.stats();
+    assert_eq!((st.pending_iqs, st.iqs_expired), (0, 1));
+    assert_eq!(w.host.next_deadline(), None);
+    let s = w.room(&version_reply(&id));
+    assert!(s.passed(), "{:?}", s.acts);
+}
+
+#[test]
+fn a_reply_before_the_iq_timeout_is_routed_whatever_the_ticks() {
+    let mut w = joined();
+    let timeout = w.host.config().iq_timeout;
+    let id = version_asked(&mut w);
+    assert!(w.tick(T0 + 1).is_empty());
+    assert!(w.tick(T0 + timeout).is_empty());
+    assert_eq!(w.host.stats().pending_iqs, 1);
+    let s = w.room(&version_reply(&id));
+    assert_eq!(s.acts, ["phone <- iq result from=R/bob id=v1"]);
+    let st = w.host.stats();
+    assert_eq!((st.pending_iqs, st.iqs_expired), (0, 0));
+}
+
+#[test]
+fn the_next_deadline_is_the_first_pending_iq_to_expire() {
+    let mut w = joined();
+    let timeout = w.host.config().iq_timeout;
+    version_asked(&mut w);
+    w.now = T0 + 10;
+    let later = version_asked(&mut w);
+    assert_eq!(w.host.next_deadline(), Some(T0 + timeout + 1));
+    w.tick(T0 + timeout + 1);
+    assert_eq!(w.host.stats().pending_iqs, 1);
+    assert_eq!(w.host.next_deadline(), Some(T0 + 10 + timeout + 1));
+    // An account left with nothing but expired IQs is forgotten.
+    w.session("phone", &self_left_to("Al"));
+    w.room(&self_left("Al"));
+    assert_eq!(w.host.stats().accounts, 1);
+    w.tick(T0 + 10 + timeout + 1);
+    assert_eq!(w.host.stats().accounts, 0);
+    assert!(w.room(&version_reply(&later)).passed());
+}
+
+fn self_left_to(nick: &str) -> String {
+    format!("<presence type='unavailable' to='$R/{nick}'/>")
 }

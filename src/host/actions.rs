@@ -1,7 +1,7 @@
 //! What the module does on its own: rejoin after a restart, follow bookmarks, leave when
-//! an admin asks.
+//! an admin asks, and what is due when time passes (timers as events).
 
-use super::Host;
+use super::{Host, drop_empty};
 use crate::membership::{Membership, Phase};
 use crate::outcome::{Action, Out, Outcome};
 use crate::presence;
@@ -111,5 +111,43 @@ impl Host {
             stanza: Out::New(presence::leave_for_room(room, &m.nick)),
         });
         out
+    }
+
+    /// Time passed: do what is due at `now` (Unix seconds, the clock the other events
+    /// carry). Today that is dropping the proxied IQs whose reply has been waited for
+    /// longer than `iq_timeout`, so that a reply coming later is not routed to the session
+    /// any more (it passes on, and Prosody discards a reply nobody waits for). The asking
+    /// session is told nothing, as Prosody tells a client nothing when an IQ it routed
+    /// goes unanswered. Returns one outcome per account with something to carry out
+    /// (none today: expiry sends nothing); the shim handles each as it would any other.
+    pub fn tick(&mut self, now: i64) -> Vec<Outcome> {
+        let timeout = self.config.iq_timeout;
+        let mut expired = 0;
+        let mut emptied = Vec::new();
+        for (user, account) in &mut self.accounts {
+            if account.iqs.is_empty() {
+                continue;
+            }
+            expired += account.iqs.expire(now, timeout);
+            if account.iqs.is_empty() && account.rooms.is_empty() {
+                emptied.push(user.clone());
+            }
+        }
+        for user in emptied {
+            drop_empty(&mut self.accounts, &user);
+        }
+        self.counters.iqs_expired += expired as u64;
+        Vec::new()
+    }
+
+    /// When [`Host::tick`] next has something to do: the first second at which a pending
+    /// IQ expires; none while nothing waits. The shim runs `tick` then, or, when this is
+    /// none, `iq_timeout` seconds later (an IQ proxied in between expires after that).
+    pub fn next_deadline(&self) -> Option<i64> {
+        let timeout = self.config.iq_timeout;
+        self.accounts
+            .values()
+            .filter_map(|a| a.iqs.next_expiry(timeout))
+            .min()
     }
 }

@@ -74,6 +74,8 @@ pub struct Stats {
     pub forked: u64,
     pub joins_served_locally: u64,
     pub iqs_proxied: u64,
+    /// Proxied IQs whose reply was not waited for any longer (dropped by a tick).
+    pub iqs_expired: u64,
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -81,6 +83,7 @@ struct Counters {
     forked: u64,
     joins_served_locally: u64,
     iqs_proxied: u64,
+    iqs_expired: u64,
 }
 
 pub struct Host {
@@ -214,6 +217,7 @@ impl Host {
             forked: self.counters.forked,
             joins_served_locally: self.counters.joins_served_locally,
             iqs_proxied: self.counters.iqs_proxied,
+            iqs_expired: self.counters.iqs_expired,
             ..Stats::default()
         };
         for a in self.accounts.values() {
