@@ -12,6 +12,7 @@ pub mod host;
 pub mod iq;
 pub mod join;
 pub mod membership;
+pub mod note;
 pub mod occupants;
 pub mod outcome;
 pub mod presence;

@@ -6,6 +6,7 @@ use std::rc::Rc;
 use minidom::Element;
 
 use crate::membership::Membership;
+use crate::note::Note;
 use crate::stanza::{self, Addr, NS_DELAY, NS_MUC_USER, n, status};
 
 /// A stanza for an action.
@@ -130,7 +131,8 @@ pub struct Outcome {
     /// The account the actions are for.
     pub user: Option<String>,
     pub actions: Vec<Action>,
-    /// Lines worth an admin's attention (logged by the shim at info).
+    /// Lines worth an admin's attention (logged by the shim at info): [`Note`]s, as text
+    /// (see [`Outcome::note`]).
     pub notes: Vec<String>,
     /// The account's memberships changed: the shim stores [`Host::persisted`](crate::host::Host::persisted) again.
     pub persist: bool,
@@ -195,6 +197,11 @@ impl Outcome {
                 stanza: own_copy(xml, account, &p.resource),
             });
         }
+    }
+
+    /// A line for the admin.
+    pub(crate) fn note(&mut self, note: Note) {
+        self.notes.push(note.to_string());
     }
 
     /// The sessions taking part in `room` may have changed.

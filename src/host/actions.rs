@@ -3,9 +3,17 @@
 
 use super::{Host, drop_empty};
 use crate::membership::{Membership, Phase};
+use crate::note::Note;
 use crate::outcome::{Action, Out, Outcome};
 use crate::presence;
 use crate::stanza::Addr;
+
+/// Why the module joins a room on its own.
+#[derive(Clone, Copy)]
+enum ModuleJoin {
+    Restart,
+    Bookmark,
+}
 
 impl Host {
     /// Rejoin a stored membership after a restart, with no session and no history.
@@ -16,7 +24,7 @@ impl Host {
         nick: &str,
         password: Option<&str>,
     ) -> Outcome {
-        self.join_without_session(user, room, nick, password, "rejoins after a restart")
+        self.join_without_session(user, room, nick, password, ModuleJoin::Restart)
     }
 
     /// A XEP-0402 bookmark was published (`autojoin` as it says) or retracted (false).
@@ -34,7 +42,7 @@ impl Host {
         match (autojoin, joined) {
             (true, false) => {
                 let nick = nick.unwrap_or(user).to_owned();
-                self.join_without_session(user, room, &nick, password, "joins from a bookmark")
+                self.join_without_session(user, room, &nick, password, ModuleJoin::Bookmark)
             }
             (false, true) => self.leave(user, room, "its bookmark no longer asks to join"),
             _ => Outcome::pass(),
@@ -47,7 +55,7 @@ impl Host {
         room: &str,
         nick: &str,
         password: Option<&str>,
-        why: &str,
+        why: ModuleJoin,
     ) -> Outcome {
         if self.membership(user, room).is_some() {
             return Outcome::pass();
@@ -67,9 +75,11 @@ impl Host {
         let account = self.accounts.entry(user.to_owned()).or_default();
         let mut out = Outcome::handled(user);
         if account.rooms.len() >= max_rooms {
-            out.notes.push(format!(
-                "{user} does not join {room}: already in {max_rooms} rooms (minimix_max_rooms)"
-            ));
+            out.note(Note::RoomLimit {
+                user,
+                room,
+                max_rooms,
+            });
             return out;
         }
         let mut m = Membership::without_sessions(room, nick);
@@ -79,7 +89,10 @@ impl Host {
         // a session says otherwise.
         m.shown = presence::reduce("<presence xmlns='jabber:client'/>", 0).map(|p| p.xml);
         account.rooms.insert(room.to_owned(), m);
-        out.notes.push(format!("{user} {why}: {room} as {nick}"));
+        out.note(match why {
+            ModuleJoin::Restart => Note::RejoinsAfterRestart { user, room, nick },
+            ModuleJoin::Bookmark => Note::JoinsFromBookmark { user, room, nick },
+        });
         out.persist = true;
         out.actions.push(Action::Send {
             stanza: Out::New(presence::join_for_room(room, nick, password)),
@@ -105,7 +118,7 @@ impl Host {
                 m.leave_waiters.push(r);
             }
         }
-        out.notes.push(format!("{user} leaves {room}: {why}"));
+        out.note(Note::Leaves { user, room, why });
         out.persist = true;
         out.actions.push(Action::Send {
             stanza: Out::New(presence::leave_for_room(room, &m.nick)),

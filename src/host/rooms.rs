@@ -5,6 +5,7 @@ use minidom::Element;
 
 use super::{Host, drop_empty, kept};
 use crate::membership::Phase;
+use crate::note::Note;
 use crate::outcome::{Action, Edit, Out, Outcome, own_copy};
 use crate::presence;
 use crate::stanza::{Addr, Head, Kind, NS_CLIENT, NS_DELAY, Payload, status};
@@ -85,10 +86,12 @@ impl Host {
             match m.phase {
                 Phase::Joining => {
                     out.fork(m);
-                    out.notes.push(format!(
-                        "{user} could not join {room}: {}",
-                        el.error_condition().as_deref().unwrap_or("error")
-                    ));
+                    let condition = el.error_condition();
+                    out.note(Note::JoinFailed {
+                        user,
+                        room,
+                        condition: condition.as_deref(),
+                    });
                     account.rooms.remove(room);
                     out.participants_changed(room);
                     out.persist = true;
@@ -157,15 +160,13 @@ impl Host {
                 // the default configuration (an instant room, XEP-0045 §10.1.2), as
                 // Prosody does itself without room locking, so that every account and
                 // client can come back to it.
-                out.notes.push(format!(
-                    "{user} made {room} anew, which no longer existed, with the default configuration"
-                ));
+                out.note(Note::MadeAnew { user, room });
                 out.actions.push(Action::Send {
                     stanza: Out::New(presence::instant_room(room)),
                 });
             }
             if m.phase == Phase::Joining {
-                out.notes.push(format!("{user} joined {room} as {nick}"));
+                out.note(Note::Joined { user, room, nick });
                 out.persist = true;
             }
             m.confirmed = true;
@@ -198,15 +199,18 @@ impl Host {
                 out.participants_changed(room);
                 out.persist = true;
                 drop_empty(&mut self.accounts, user);
-                out.notes.push(format!("{user} left {room}"));
+                out.note(Note::Left { user, room });
             }
             return out;
         }
         // Removed by the room: kick, ban, affiliation change, members-only, shutdown,
         // error kick or destruction. Every session learns it; nobody rejoins on its own.
         out.fork_own(m, &account_jid, &xml);
-        out.notes
-            .push(format!("{user} was removed from {room} (status {codes:?})"));
+        out.note(Note::Removed {
+            user,
+            room,
+            codes: &codes,
+        });
         account.rooms.remove(room);
         out.participants_changed(room);
         out.persist = true;
@@ -282,9 +286,7 @@ impl Host {
                     && head.is_type("error")
                     && !self_ping_error_means_joined(el.error_condition().as_deref())
                 {
-                    out.notes.push(format!(
-                        "{user} is no longer in {room} (self-ping answered with an error)"
-                    ));
+                    out.note(Note::GoneBySelfPing { user, room });
                     account.rooms.remove(room);
                     out.participants_changed(room);
                     out.persist = true;

@@ -8,6 +8,7 @@ use minidom::Element;
 use super::Host;
 use crate::iq::PendingIq;
 use crate::membership::{Membership, Phase};
+use crate::note::Note;
 use crate::outcome::{Action, Edit, Out, Outcome};
 use crate::presence::{self, SessionPresence};
 use crate::stanza::{
@@ -242,9 +243,12 @@ impl Host {
                 .rooms
                 .insert(room.to_owned(), m);
             out.participants_changed(room);
-            out.notes.push(format!(
-                "{user} joins {room} as {nick} (first session {resource})"
-            ));
+            out.note(Note::Joins {
+                user,
+                room,
+                nick,
+                resource,
+            });
             out.persist = true;
             out.send_original(None);
             return out;
@@ -259,8 +263,7 @@ impl Host {
                 let presence = own_presence();
                 m.shown = presence.as_ref().map(|p| p.xml.clone());
                 m.participants[0].presence = presence;
-                out.notes
-                    .push(format!("{user} rejoins {room} as {nick} while leaving it"));
+                out.note(Note::RejoinsWhileLeaving { user, room, nick });
                 out.persist = true;
                 out.send_original(None);
             }
@@ -343,9 +346,11 @@ impl Host {
             // The last session leaves: the account leaves; the room's answer goes to it.
             m.phase = Phase::Leaving;
             m.leave_waiters.push(resource.to_owned());
-            out.notes.push(format!(
-                "{user} leaves {room} (last session {resource} left)"
-            ));
+            out.note(Note::LastSessionLeaves {
+                user,
+                room,
+                resource,
+            });
             out.persist = true;
             out.send_original(None);
         } else {
