@@ -7,7 +7,7 @@ use minidom::Element;
 
 use crate::membership::Membership;
 use crate::note::Note;
-use crate::stanza::{self, Addr, NS_DELAY, NS_MUC_USER, n, status};
+use crate::stanza::{self, Addr, NS_DELAY, NS_MUC_USER, Status, n};
 
 /// A stanza for an action.
 #[derive(Debug)]
@@ -68,11 +68,7 @@ impl Edit {
         match self {
             Edit::OwnPresence {
                 nick_differs: true, ..
-            } => Some(
-                Element::builder("status", NS_MUC_USER)
-                    .attr(n("code"), status::ASSIGNED_NICK.to_string())
-                    .build(),
-            ),
+            } => Some(Status::AssignedNick.into()),
             _ => None,
         }
     }
@@ -80,7 +76,8 @@ impl Edit {
     /// Whether a status code is left out of the self-presence ("room created", 201, is
     /// news only to the session whose join created the room).
     pub fn drops_own_status(&self, code: Option<&str>) -> bool {
-        matches!(self, Edit::OwnPresence { .. }) && code == Some("201")
+        matches!(self, Edit::OwnPresence { .. })
+            && code.and_then(stanza::status_of_text) == Some(Status::RoomHasBeenCreated)
     }
 
     /// The `jid` an `<item/>` of the self-presence's muc#user payload gets instead of

@@ -8,7 +8,7 @@ use crate::membership::Phase;
 use crate::note::Note;
 use crate::outcome::{Action, Edit, Out, Outcome, own_copy};
 use crate::presence;
-use crate::stanza::{Addr, Head, Kind, NS_CLIENT, NS_DELAY, Payload, status};
+use crate::stanza::{Addr, Head, Kind, NS_CLIENT, NS_DELAY, Payload, Status, has_status};
 
 impl Host {
     /// The room sent `el` to an account (convenience over [`Host::room_event`]).
@@ -130,8 +130,8 @@ impl Host {
         };
         let unavailable = head.is_type("unavailable");
         let codes = el.status_codes();
-        let is_self = codes.contains(&status::SELF_PRESENCE);
-        let nick_changed = unavailable && codes.contains(&status::NEW_NICK);
+        let is_self = has_status(&codes, &Status::SelfPresence);
+        let nick_changed = unavailable && has_status(&codes, &Status::NewNick);
         if !is_self {
             if nick_changed {
                 m.occupants.remove(nick);
@@ -153,7 +153,7 @@ impl Host {
             }
             if m.phase == Phase::Joining
                 && m.made_by_module
-                && codes.contains(&status::ROOM_HAS_BEEN_CREATED)
+                && has_status(&codes, &Status::RoomHasBeenCreated)
             {
                 // The room was gone and this join made it anew. Prosody locks a new room
                 // until its owner configures it, and no session is here to do that: accept

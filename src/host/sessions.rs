@@ -12,8 +12,8 @@ use crate::note::Note;
 use crate::outcome::{Action, Edit, Out, Outcome};
 use crate::presence::{self, SessionPresence};
 use crate::stanza::{
-    self, Addr, Head, Kind, NS_CLIENT, NS_MUC, NS_MUC_USER, NS_PING, NS_TEST_FAULT, Payload, n,
-    status,
+    self, Addr, Head, Kind, NS_CLIENT, NS_MUC, NS_MUC_USER, NS_PING, NS_TEST_FAULT, Payload,
+    Status, n,
 };
 
 /// A stanza a session sent to a room or to one of its occupants, with what routing needs.
@@ -525,11 +525,7 @@ fn leave_presence(m: &Membership, own_jid: &str) -> Element {
                         .attr(n("role"), "none")
                         .build(),
                 )
-                .append(
-                    Element::builder("status", NS_MUC_USER)
-                        .attr(n("code"), status::SELF_PRESENCE.to_string())
-                        .build(),
-                )
+                .append(Status::SelfPresence)
                 .build(),
         )
         .build()
