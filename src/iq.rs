@@ -1,5 +1,9 @@
 //! IQs that joined sessions send to a room leave from the account with an id the module
 //! owns; the room's reply is routed back to exactly the asking session with its own id.
+//! A reply is waited for a while only: past that, the entry goes (when another IQ is
+//! tracked, or at the host's next tick) and a later reply passes on as one nobody asked
+//! for, which Prosody discards. The asking session is told nothing, as Prosody tells it
+//! nothing when an IQ it routed goes unanswered: its client has a timeout of its own.
 
 use std::collections::HashMap;
 
@@ -15,6 +19,17 @@ pub struct PendingIq {
     pub sent: i64,
 }
 
+impl PendingIq {
+    /// The first second at which the reply is no longer waited for.
+    pub fn expires(&self, timeout: i64) -> i64 {
+        self.sent.saturating_add(timeout).saturating_add(1)
+    }
+
+    pub fn expired(&self, now: i64, timeout: i64) -> bool {
+        now >= self.expires(timeout)
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct IqProxy {
     pending: HashMap<String, PendingIq>,
@@ -24,8 +39,7 @@ impl IqProxy {
     /// Track an IQ under `our_id`; entries older than `timeout` seconds are dropped, and
     /// when `limit` entries are pending the oldest goes.
     pub fn track(&mut self, our_id: String, iq: PendingIq, timeout: i64, limit: usize) {
-        let now = iq.sent;
-        self.pending.retain(|_, p| now - p.sent <= timeout);
+        self.expire(iq.sent, timeout);
         if self.pending.len() >= limit.max(1)
             && let Some(oldest) = self
                 .pending
@@ -44,6 +58,18 @@ impl IqProxy {
             Some(p) if p.to == from => self.pending.remove(id),
             _ => None,
         }
+    }
+
+    /// Drop the IQs waited for longer than `timeout` seconds at `now`; how many went.
+    pub fn expire(&mut self, now: i64, timeout: i64) -> usize {
+        let before = self.pending.len();
+        self.pending.retain(|_, p| !p.expired(now, timeout));
+        before - self.pending.len()
+    }
+
+    /// The first second at which [`IqProxy::expire`] drops something, if anything waits.
+    pub fn next_expiry(&self, timeout: i64) -> Option<i64> {
+        self.pending.values().map(|p| p.expires(timeout)).min()
     }
 
     pub fn forget_session(&mut self, resource: &str) {

@@ -1,16 +1,20 @@
 //! mod_minimix: group chats joined per account instead of per client.
 //!
-//! `host` is the I/O-free core (one `Host` per VirtualHost, with one module per concern
-//! beside it). `raw` holds the hot entry points, written against Lua's C API; `bridge` is
-//! the mlua side (the constructor and the admin methods). The Lua shim
+//! `host` is the I/O-free core (one `Host` per VirtualHost, its events split by where they
+//! come from, one module per concern beside it, and what it hands back in `outcome`). `raw`
+//! holds the hot entry points, written against Lua's C API; `bridge` is the mlua side (the
+//! constructor and the admin methods). The Lua shim
 //! `lua/mod_minimix.lua` registers the Prosody hooks and carries out what the core decides.
 
 pub mod bridge;
 pub mod history;
 pub mod host;
 pub mod iq;
+pub mod join;
 pub mod membership;
+pub mod note;
 pub mod occupants;
+pub mod outcome;
 pub mod presence;
 mod raw;
 pub mod stanza;

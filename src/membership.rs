@@ -97,6 +97,13 @@ impl Membership {
             .find(|p| &*p.resource == resource)
     }
 
+    /// Set a session's presence toward the room (none: it went unavailable).
+    pub fn set_presence(&mut self, resource: &str, presence: Option<SessionPresence>) {
+        if let Some(p) = self.participant_mut(resource) {
+            p.presence = presence;
+        }
+    }
+
     /// Start afresh after a leave was sent: a new join of the account is in flight.
     pub fn restart(&mut self, nick: &str, first: &str) {
         let waiters = std::mem::take(&mut self.leave_waiters);

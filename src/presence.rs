@@ -6,6 +6,7 @@ use std::rc::Rc;
 use minidom::Element;
 
 use crate::membership::Membership;
+use crate::outcome::{Action, Out, Outcome};
 use crate::stanza::{self, NS_CLIENT, NS_MUC, NS_MUC_USER, n};
 
 /// A session's presence toward a room, reduced to what the room should see.
@@ -55,6 +56,22 @@ pub fn aggregate(m: &Membership) -> Option<&SessionPresence> {
         .filter(|p| p.joined)
         .filter_map(|p| p.presence.as_ref())
         .max_by_key(|p| (p.rank, p.seq))
+}
+
+/// Tell the room the account's presence if the aggregate changed.
+pub fn update_room(m: &mut Membership, out: &mut Outcome) {
+    let Some(best) = aggregate(m) else {
+        return;
+    };
+    if m.shown.as_deref() == Some(&*best.xml) {
+        return;
+    }
+    if let Some(update) = update_for_room(best, &m.room, &m.nick) {
+        m.shown = Some(best.xml.clone());
+        out.actions.push(Action::Send {
+            stanza: Out::New(update),
+        });
+    }
 }
 
 /// The update the room gets, from a reduced presence.

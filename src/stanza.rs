@@ -17,18 +17,47 @@ pub const NS_STANZAS: &str = "urn:ietf:params:xml:ns:xmpp-stanzas";
 /// Children in this namespace trigger deliberate faults when `minimix_test_faults` is on.
 pub const NS_TEST_FAULT: &str = "urn:xmpp:minimix:test-fault";
 
-/// Status codes of XEP-0045 that the module acts on (named as in xmpp-parsers' `Status`).
-pub mod status {
-    pub const SELF_PRESENCE: u16 = 110;
-    pub const ROOM_HAS_BEEN_CREATED: u16 = 201;
-    pub const ASSIGNED_NICK: u16 = 210;
-    pub const BANNED: u16 = 301;
-    pub const NEW_NICK: u16 = 303;
-    pub const KICKED: u16 = 307;
-    pub const REMOVAL_FROM_ROOM: u16 = 321;
-    pub const CONFIG_MEMBERS_ONLY: u16 = 322;
-    pub const SERVICE_SHUTDOWN: u16 = 332;
-    pub const SERVICE_ERROR_KICK: u16 = 333;
+pub use xmpp_parsers::muc::user::Status;
+
+/// The XEP-0045 status a numeric code read off a stanza stands for; none for a code that
+/// XEP-0045 does not define.
+pub fn status_of(code: u16) -> Option<Status> {
+    Some(match code {
+        100 => Status::NonAnonymousRoom,
+        101 => Status::AffiliationChange,
+        102 => Status::ConfigShowsUnavailableMembers,
+        103 => Status::ConfigHidesUnavailableMembers,
+        104 => Status::ConfigNonPrivacyRelated,
+        110 => Status::SelfPresence,
+        170 => Status::ConfigRoomLoggingEnabled,
+        171 => Status::ConfigRoomLoggingDisabled,
+        172 => Status::ConfigRoomNonAnonymous,
+        173 => Status::ConfigRoomSemiAnonymous,
+        201 => Status::RoomHasBeenCreated,
+        210 => Status::AssignedNick,
+        301 => Status::Banned,
+        303 => Status::NewNick,
+        307 => Status::Kicked,
+        321 => Status::RemovalFromRoom,
+        322 => Status::ConfigMembersOnly,
+        332 => Status::ServiceShutdown,
+        333 => Status::ServiceErrorKick,
+        _ => return None,
+    })
+}
+
+/// The XEP-0045 status a `code` attribute's text names, written as XEP-0045 writes codes
+/// (three digits).
+pub fn status_of_text(code: &str) -> Option<Status> {
+    if code.len() != 3 || !code.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    status_of(code.parse().ok()?)
+}
+
+/// Whether the status codes read off a stanza (see [`Payload::status_codes`]) carry `status`.
+pub fn has_status(codes: &[u16], status: &Status) -> bool {
+    codes.iter().any(|&c| status_of(c).as_ref() == Some(status))
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -285,6 +314,24 @@ mod tests {
     fn status_codes_are_read_from_muc_user() {
         let el: Element = "<presence xmlns='jabber:client'><x xmlns='http://jabber.org/protocol/muc#user'><item affiliation='none' role='participant'/><status code='110'/><status code='201'/></x></presence>".parse().unwrap();
         assert_eq!(status_codes(&el), vec![110, 201]);
+        let codes = status_codes(&el);
+        assert!(has_status(&codes, &Status::SelfPresence));
+        assert!(has_status(&codes, &Status::RoomHasBeenCreated));
+        assert!(!has_status(&codes, &Status::NewNick));
+    }
+
+    #[test]
+    fn status_codes_convert_as_xmpp_parsers_reads_them() {
+        for code in 0..1000u16 {
+            let el: Element = format!("<status xmlns='{NS_MUC_USER}' code='{code}'/>")
+                .parse()
+                .unwrap();
+            assert_eq!(status_of(code), Status::try_from(el).ok(), "{code}");
+            assert_eq!(status_of_text(&code.to_string()), status_of(code));
+        }
+        for text in ["0201", "+201", "201 ", "", "2010"] {
+            assert_eq!(status_of_text(text), None, "{text:?}");
+        }
     }
 
     #[test]

@@ -11,201 +11,21 @@
 mod common;
 
 use common::{
-    ACCOUNT, DOMAIN, R, T0, USER, groupchat, join, membership, occupant, room_history, self_left,
-    subject,
+    ACCOUNT, R, Seen, T0, USER, groupchat, join, membership, occupant, room_history, self_left,
+    short, subject,
 };
 
 use minidom::Element;
-use minimix::host::{Config, Host, Outcome};
-use minimix::stanza::{self, NS_CLIENT, NS_DELAY, NS_STANZAS};
+use minimix::host::Config;
+use minimix::stanza::{self, NS_CLIENT, NS_DELAY};
 use minimix::time::format_stamp;
 
-const OTHER_ROOM: &str = "other@conference.example.com";
+const OTHER_ROOM: &str = common::O;
 
 // ---------------------------------------------------------------------------------------
-// Helpers
+// Helpers (the shared ones are in tests/common)
 
-fn expand(xml: &str) -> String {
-    xml.replace("$R", R)
-        .replace("$A", ACCOUNT)
-        .replace("$MUC", "http://jabber.org/protocol/muc")
-        .replace("$MU", "http://jabber.org/protocol/muc#user")
-        .replace("$ST", NS_STANZAS)
-}
-
-/// Parse a stanza, adding `jabber:client` (and `attrs`) to its root.
-fn el_with(xml: &str, attrs: &str) -> Element {
-    let xml = expand(xml.trim());
-    let end = xml
-        .find(|c: char| c.is_whitespace() || c == '>' || c == '/')
-        .expect("a root tag");
-    let text = format!("{} xmlns='{NS_CLIENT}'{attrs}{}", &xml[..end], &xml[end..]);
-    text.parse()
-        .unwrap_or_else(|e| panic!("bad test XML {text}: {e:?}"))
-}
-
-fn el(xml: &str) -> Element {
-    el_with(xml, "")
-}
-
-fn short(jid: &str) -> String {
-    jid.replace(R, "R").replace(ACCOUNT, "A")
-}
-
-/// A one-line description of a stanza: kind, type, from (or to, for what is sent), id,
-/// MUC role and status codes, error condition, body, subject, delay stamp, IQ payload.
-fn describe(e: &Element, sent: bool) -> String {
-    let mut d = vec![e.name().to_owned()];
-    if let Some(t) = e.attr("type") {
-        d.push(t.to_owned());
-    }
-    let addr = if sent { "to" } else { "from" };
-    if let Some(a) = e.attr(addr) {
-        d.push(format!("{addr}={}", short(a)));
-    }
-    if let Some(id) = e.attr("id") {
-        d.push(format!("id={id}"));
-    }
-    if let Some(role) = stanza::muc_item(e).and_then(|i| i.attr("role")) {
-        d.push(format!("role={role}"));
-    }
-    let codes = stanza::status_codes(e);
-    if !codes.is_empty() {
-        let codes: Vec<String> = codes.iter().map(u16::to_string).collect();
-        d.push(codes.join(","));
-    }
-    if let Some(c) = stanza::error_condition(e) {
-        d.push(format!("err={c}"));
-    }
-    if let Some(b) = e.get_child("body", NS_CLIENT) {
-        d.push(format!("body={}", b.text()));
-    }
-    if let Some(s) = e.get_child("subject", NS_CLIENT) {
-        d.push(format!("subject={}", s.text()));
-    }
-    if let Some(delay) = e.get_child("delay", NS_DELAY) {
-        d.push(format!("delay={}", delay.attr("stamp").unwrap_or("?")));
-    }
-    if e.name() == "iq"
-        && let Some(c) = e.children().find(|c| c.name() != "error")
-    {
-        d.push(format!(
-            "[{}]",
-            c.ns().rsplit(['/', ':']).next().unwrap_or("")
-        ));
-    }
-    d.join(" ")
-}
-
-/// One event's outcome, with every action turned into the stanza that leaves.
-#[derive(Debug)]
-struct Seen {
-    handled: bool,
-    user: Option<String>,
-    /// `"<resource> <- <stanza>"` for a delivery, `"send <stanza>"` for the account.
-    acts: Vec<String>,
-    /// The stanzas as they leave: `Some(resource)` delivered, `None` sent by the account.
-    stanzas: Vec<(Option<String>, Element)>,
-}
-
-impl Seen {
-    fn of(o: &Outcome, incoming: &Element) -> Seen {
-        let mut seen = Seen {
-            handled: o.handled,
-            user: o.user.clone(),
-            acts: Vec::new(),
-            stanzas: Vec::new(),
-        };
-        for (resource, e) in common::leaving(o, incoming, ACCOUNT) {
-            match &resource {
-                Some(r) => seen.acts.push(format!("{r} <- {}", describe(&e, false))),
-                None => seen.acts.push(format!("send {}", describe(&e, true))),
-            }
-            seen.stanzas.push((resource, e));
-        }
-        seen
-    }
-
-    /// (resource, description) of each delivery, in order.
-    fn delivered(&self) -> Vec<(String, String)> {
-        self.acts
-            .iter()
-            .filter_map(|a| a.split_once(" <- "))
-            .map(|(r, d)| (r.to_owned(), d.to_owned()))
-            .collect()
-    }
-
-    fn sent(&self) -> Vec<&Element> {
-        self.stanzas
-            .iter()
-            .filter(|(r, _)| r.is_none())
-            .map(|(_, e)| e)
-            .collect()
-    }
-
-    /// Handled for alice, with nothing delivered and nothing sent.
-    fn swallowed(&self) -> bool {
-        self.handled && self.user.as_deref() == Some(USER) && self.acts.is_empty()
-    }
-
-    /// Not handled: Prosody goes on as if the module were not loaded.
-    fn passed(&self) -> bool {
-        !self.handled && self.acts.is_empty()
-    }
-
-    /// The id the account used for the one IQ sent.
-    fn sent_id(&self) -> String {
-        let sent = self.sent();
-        assert_eq!(sent.len(), 1, "one stanza sent: {:?}", self.acts);
-        sent[0].attr("id").expect("an id").to_owned()
-    }
-}
-
-struct World {
-    host: Host,
-    now: i64,
-}
-
-impl World {
-    fn new() -> World {
-        World::with(Config::default())
-    }
-
-    fn with(config: Config) -> World {
-        World {
-            host: Host::new(DOMAIN, config),
-            now: T0,
-        }
-    }
-
-    /// alice/`resource` sends a stanza (`from` set as Prosody sets it).
-    fn session(&mut self, resource: &str, xml: &str) -> Seen {
-        let e = el_with(xml, &format!(" from='{ACCOUNT}/{resource}'"));
-        let o = self.host.session_stanza(USER, resource, &e, self.now);
-        Seen::of(&o, &e)
-    }
-
-    /// A stanza arrives for the account's bare JID.
-    fn room(&mut self, xml: &str) -> Seen {
-        self.room_raw(&xml.replacen(' ', &format!(" to='{ACCOUNT}' "), 1))
-    }
-
-    /// A stanza arrives for whatever `to` it names.
-    fn room_raw(&mut self, xml: &str) -> Seen {
-        let e = el(xml);
-        let o = self.host.room_stanza(&e, self.now);
-        Seen::of(&o, &e)
-    }
-
-    fn end(&mut self, resource: &str) -> Seen {
-        let o = self.host.session_ended(USER, resource);
-        Seen::of(&o, &el("<presence/>"))
-    }
-
-    fn members(&self) -> Vec<(String, String, Vec<String>)> {
-        self.host.memberships_of(USER)
-    }
-}
+type World = common::World<common::Routing>;
 
 fn join_room(room: &str, nick: &str) -> String {
     format!("<presence to='{room}/{nick}' id='join'><x xmlns='$MUC'/></presence>")

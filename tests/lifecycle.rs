@@ -11,287 +11,19 @@
 mod common;
 
 use common::{
-    ACCOUNT, DOMAIN, R, T0, USER, groupchat, join, membership, occupant, room_history, self_left,
-    subject,
+    ACCOUNT, O, R, T0, USER, groupchat, join, membership, occupant, payload, room_history,
+    self_left, subject,
 };
 
 use minidom::Element;
-use minimix::host::{Config, Host, Outcome};
-use minimix::stanza::{self, NS_CLIENT, NS_DELAY, NS_MUC, NS_MUC_USER, NS_STANZAS};
+use minimix::host::Config;
+use minimix::stanza::{self, NS_MUC, NS_MUC_USER};
 use minimix::time::format_stamp;
 
-const O: &str = "other@conference.example.com";
-
 // ---------------------------------------------------------------------------------------
-// Helpers (in the style of tests/flows.rs)
+// Helpers (the shared ones are in tests/common)
 
-fn expand(xml: &str) -> String {
-    xml.replace("$R", R)
-        .replace("$O", O)
-        .replace("$A", ACCOUNT)
-        .replace("$MUC", NS_MUC)
-        .replace("$MU", NS_MUC_USER)
-        .replace("$ST", NS_STANZAS)
-}
-
-/// Parse a stanza, adding `jabber:client` (and `attrs`) to its root.
-fn el_with(xml: &str, attrs: &str) -> Element {
-    let xml = expand(xml.trim());
-    let end = xml
-        .find(|c: char| c.is_whitespace() || c == '>' || c == '/')
-        .expect("a root tag");
-    let text = format!("{} xmlns='{NS_CLIENT}'{attrs}{}", &xml[..end], &xml[end..]);
-    text.parse()
-        .unwrap_or_else(|e| panic!("bad test XML {text}: {e:?}"))
-}
-
-fn el(xml: &str) -> Element {
-    el_with(xml, "")
-}
-
-fn short(jid: &str) -> String {
-    jid.replace(R, "R").replace(O, "O").replace(ACCOUNT, "A")
-}
-
-/// A one-line description of a stanza: kind, type, from (or to, for what is sent), id,
-/// show and status, MUC join payload, MUC role and status codes, destroy, error condition,
-/// body, subject, delay stamp.
-fn describe(e: &Element, sent: bool) -> String {
-    let mut d = vec![e.name().to_owned()];
-    if let Some(t) = e.attr("type") {
-        d.push(t.to_owned());
-    }
-    let addr = if sent { "to" } else { "from" };
-    if let Some(a) = e.attr(addr) {
-        d.push(format!("{addr}={}", short(a)));
-    }
-    if let Some(id) = e.attr("id") {
-        d.push(format!("id={id}"));
-    }
-    if let Some(show) = e.get_child("show", NS_CLIENT) {
-        d.push(format!("show={}", show.text()));
-    }
-    if let Some(st) = e.get_child("status", NS_CLIENT) {
-        d.push(format!("status={}", st.text()));
-    }
-    if let Some(x) = e.get_child("x", NS_MUC) {
-        d.push("muc".to_owned());
-        if let Some(h) = x.get_child("history", NS_MUC) {
-            let attrs: Vec<String> = ["maxstanzas", "maxchars", "seconds", "since"]
-                .iter()
-                .filter_map(|k| h.attr(*k).map(|v| format!("{k}={v}")))
-                .collect();
-            d.push(format!("history[{}]", attrs.join(",")));
-        }
-        if let Some(p) = x.get_child("password", NS_MUC) {
-            d.push(format!("password={}", p.text()));
-        }
-    }
-    if let Some(role) = stanza::muc_item(e).and_then(|i| i.attr("role")) {
-        d.push(format!("role={role}"));
-    }
-    if let Some(nick) = stanza::muc_item(e).and_then(|i| i.attr("nick")) {
-        d.push(format!("nick={nick}"));
-    }
-    let codes = stanza::status_codes(e);
-    if !codes.is_empty() {
-        let codes: Vec<String> = codes.iter().map(u16::to_string).collect();
-        d.push(codes.join(","));
-    }
-    if e.get_child("x", NS_MUC_USER)
-        .is_some_and(|x| x.has_child("destroy", NS_MUC_USER))
-    {
-        d.push("destroy".to_owned());
-    }
-    if let Some(c) = stanza::error_condition(e) {
-        d.push(format!("err={c}"));
-    }
-    if let Some(b) = e.get_child("body", NS_CLIENT) {
-        d.push(format!("body={}", b.text()));
-    }
-    if let Some(s) = e.get_child("subject", NS_CLIENT) {
-        d.push(format!("subject={}", s.text()));
-    }
-    if let Some(delay) = e.get_child("delay", NS_DELAY) {
-        d.push(format!("delay={}", delay.attr("stamp").unwrap_or("?")));
-    }
-    d.join(" ")
-}
-
-/// One event's outcome, with every action turned into the stanza that leaves.
-#[derive(Debug)]
-struct Seen {
-    handled: bool,
-    user: Option<String>,
-    persist: bool,
-    archive: bool,
-    notes: Vec<String>,
-    /// `"<resource> <- <stanza>"` for a delivery, `"send <stanza>"` for the account.
-    acts: Vec<String>,
-    /// The stanzas as they leave: `Some(resource)` delivered, `None` sent by the account.
-    stanzas: Vec<(Option<String>, Element)>,
-}
-
-impl Seen {
-    fn of(o: &Outcome, incoming: &Element) -> Seen {
-        let mut seen = Seen {
-            handled: o.handled,
-            user: o.user.clone(),
-            persist: o.persist,
-            archive: o.archive,
-            notes: o.notes.clone(),
-            acts: Vec::new(),
-            stanzas: Vec::new(),
-        };
-        for (resource, e) in common::leaving(o, incoming, ACCOUNT) {
-            match &resource {
-                Some(r) => seen.acts.push(format!("{r} <- {}", describe(&e, false))),
-                None => seen.acts.push(format!("send {}", describe(&e, true))),
-            }
-            seen.stanzas.push((resource, e));
-        }
-        seen
-    }
-
-    /// (resource, description) of each delivery, in order.
-    fn delivered(&self) -> Vec<String> {
-        self.acts
-            .iter()
-            .filter(|a| !a.starts_with("send "))
-            .cloned()
-            .collect()
-    }
-
-    fn sent(&self) -> Vec<&Element> {
-        self.stanzas
-            .iter()
-            .filter(|(r, _)| r.is_none())
-            .map(|(_, e)| e)
-            .collect()
-    }
-
-    /// Handled for alice, with nothing delivered and nothing sent.
-    fn swallowed(&self) -> bool {
-        self.handled && self.user.as_deref() == Some(USER) && self.acts.is_empty()
-    }
-
-    /// Not handled, no actions, nothing to store: as if the module were not loaded.
-    fn passed(&self) -> bool {
-        !self.handled && self.acts.is_empty() && !self.persist && !self.archive
-    }
-}
-
-struct World {
-    host: Host,
-    now: i64,
-    /// What the room was last told of alice's presence in R: `show/status` of the last
-    /// available presence the account sent to R (join or update).
-    room_sees: Option<String>,
-}
-
-impl World {
-    fn new() -> World {
-        World {
-            host: Host::new(DOMAIN, Config::default()),
-            now: T0,
-            room_sees: None,
-        }
-    }
-
-    fn track(&mut self, seen: Seen) -> Seen {
-        for e in seen.sent() {
-            let to_r = e
-                .attr("to")
-                .is_some_and(|t| t.starts_with(&format!("{R}/")));
-            if e.name() == "presence" && e.attr("type").is_none() && to_r {
-                let show = e.get_child("show", NS_CLIENT).map(Element::text);
-                let status = e.get_child("status", NS_CLIENT).map(Element::text);
-                self.room_sees = Some(format!(
-                    "{}/{}",
-                    show.as_deref().unwrap_or("available"),
-                    status.as_deref().unwrap_or("")
-                ));
-            }
-        }
-        seen
-    }
-
-    /// alice/`resource` sends a stanza (`from` set as Prosody sets it).
-    fn session(&mut self, resource: &str, xml: &str) -> Seen {
-        let e = el_with(xml, &format!(" from='{ACCOUNT}/{resource}'"));
-        let o = self.host.session_stanza(USER, resource, &e, self.now);
-        let seen = Seen::of(&o, &e);
-        self.track(seen)
-    }
-
-    /// alice/`resource` sends a presence update to R/`nick` (no MUC payload).
-    fn show(&mut self, resource: &str, nick: &str, show: &str, status: &str) -> Seen {
-        let xml = format!(
-            "<presence to='$R/{nick}'>{}</presence>",
-            payload(show, status)
-        );
-        self.session(resource, &xml)
-    }
-
-    /// alice/`resource` sends its broadcast presence (no `to`).
-    fn broadcast(&mut self, resource: &str, show: &str, status: &str) -> Seen {
-        self.session(
-            resource,
-            &format!("<presence>{}</presence>", payload(show, status)),
-        )
-    }
-
-    /// A stanza arrives for the account's bare JID.
-    fn room(&mut self, xml: &str) -> Seen {
-        let e = el(&xml.replacen(' ', &format!(" to='{ACCOUNT}' "), 1));
-        let o = self.host.room_stanza(&e, self.now);
-        // The room's answers can make the account's presence go out (a join completing).
-        let seen = Seen::of(&o, &e);
-        self.track(seen)
-    }
-
-    fn end(&mut self, resource: &str) -> Seen {
-        let o = self.host.session_ended(USER, resource);
-        let seen = Seen::of(&o, &el("<presence/>"));
-        self.track(seen)
-    }
-
-    fn bookmark(&mut self, nick: Option<&str>, password: Option<&str>, autojoin: bool) -> Seen {
-        let o = self.host.bookmark(USER, R, nick, password, autojoin);
-        let seen = Seen::of(&o, &el("<presence/>"));
-        self.track(seen)
-    }
-
-    fn restore(&mut self, room: &str, nick: &str, password: Option<&str>) -> Seen {
-        let o = self.host.restore(USER, room, nick, password);
-        let seen = Seen::of(&o, &el("<presence/>"));
-        self.track(seen)
-    }
-
-    fn leave(&mut self, room: &str, why: &str) -> Seen {
-        let o = self.host.leave(USER, room, why);
-        Seen::of(&o, &el("<presence/>"))
-    }
-
-    fn members(&self) -> Vec<(String, String, Vec<String>)> {
-        self.host.memberships_of(USER)
-    }
-
-    fn persisted(&self) -> Vec<(String, String, Option<String>)> {
-        self.host.persisted(USER)
-    }
-}
-
-fn payload(show: &str, status: &str) -> String {
-    let mut p = String::new();
-    if !show.is_empty() {
-        p.push_str(&format!("<show>{show}</show>"));
-    }
-    if !status.is_empty() {
-        p.push_str(&format!("<status>{status}</status>"));
-    }
-    p
-}
+type World = common::World<common::RoomState>;
 
 fn stored(room: &str, nick: &str, password: Option<&str>) -> (String, String, Option<String>) {
     (
@@ -352,7 +84,7 @@ fn joined() -> World {
 fn joined_twice() -> World {
     let mut w = joined();
     let s = w.session("laptop", &join("Al", ""));
-    assert_eq!(s.delivered().len(), 5);
+    assert_eq!(s.delivered_acts().len(), 5);
     assert!(s.sent().is_empty());
     assert_eq!(w.members(), membership("Al", &["phone", "laptop"]));
     w
@@ -489,14 +221,14 @@ fn broadcast_presence_counts_in_every_room_the_session_joined() {
     assert!(!s.handled);
     assert_eq!(s.acts, ["send presence to=R/Al show=xa"]);
     // A session that joined nothing, or a broadcast that is not a presence change.
-    assert!(w.broadcast("tablet", "dnd", "").passed());
+    assert!(w.broadcast("tablet", "dnd", "").passed_untouched());
     assert!(
         w.session("laptop", "<presence type='probe'/>")
             .acts
             .is_empty()
     );
     let mut fresh = World::new();
-    assert!(fresh.broadcast("phone", "away", "").passed());
+    assert!(fresh.broadcast("phone", "away", "").passed_untouched());
 }
 
 #[test]
@@ -569,7 +301,7 @@ fn presence_changed_while_joining_reaches_the_room_once_joined() {
     assert!(s.acts.is_empty(), "nothing for a room not joined yet");
     let s = w.room(&self_presence("Al", &[110]));
     assert_eq!(
-        s.delivered(),
+        s.delivered_acts(),
         ["phone <- presence from=R/Al role=participant 110"]
     );
     assert_eq!(w.room_sees.as_deref(), Some("away/"));
@@ -629,10 +361,10 @@ fn removal_reaches_every_joined_session_and_forgets_the_membership() {
         assert_eq!(w.persisted(), [stored(O, "Al", None)], "{what}");
 
         // Nobody rejoins: no session's activity brings the account back on its own.
-        assert!(w.room(&groupchat("bob", "x")).passed(), "{what}");
+        assert!(w.room(&groupchat("bob", "x")).passed_untouched(), "{what}");
         assert!(w.end("phone").acts.is_empty(), "{what}");
         assert!(w.broadcast("laptop", "away", "").acts.is_empty(), "{what}");
-        assert!(w.bookmark(None, None, false).passed(), "{what}");
+        assert!(w.bookmark(None, None, false).passed_untouched(), "{what}");
         // A join afterwards starts afresh, from the account.
         let mut w2 = joined();
         w2.room(&removed("Al", extra));
@@ -724,7 +456,7 @@ fn nick_conflict_goes_only_to_the_asking_session() {
     assert_eq!(w.members(), membership("Al", &["phone", "laptop"]));
     assert_eq!(w.persisted(), [stored(R, "Al", None)]);
     // Room traffic still reaches both, under the old nick.
-    assert_eq!(w.room(&groupchat("bob", "hi")).delivered().len(), 2);
+    assert_eq!(w.room(&groupchat("bob", "hi")).delivered_acts().len(), 2);
     let s = w.session("tablet", &join("Al", ""));
     let mut expected = served("tablet", "Al", "100,110");
     expected.insert(
@@ -747,7 +479,7 @@ fn nick_change_presence_does_not_override_the_aggregate() {
     w.show("phone", "Alice", "away", "");
     w.room("<presence type='unavailable' from='$R/Al'><x xmlns='$MU'><item affiliation='member' role='participant' nick='Alice'/><status code='303'/><status code='110'/></x></presence>");
     let s = w.room(&self_presence("Alice", &[110]));
-    assert_eq!(s.delivered().len(), 2);
+    assert_eq!(s.delivered_acts().len(), 2);
     assert_eq!(w.members(), membership("Alice", &["phone", "laptop"]));
     // laptop is still available: that is what the room must end up showing.
     assert_eq!(w.room_sees.as_deref(), Some("available/"));
@@ -798,7 +530,7 @@ fn bookmark_with_autojoin_joins_from_the_account_with_no_session() {
 
     // A session joining later is served locally.
     let s = w.session("phone", &join_showing("Al", "", "on the phone"));
-    assert_eq!(s.delivered(), served("phone", "Al", "100,110"));
+    assert_eq!(s.delivered_acts(), served("phone", "Al", "100,110"));
     assert_eq!(s.acts.len(), 6);
     assert_eq!(
         s.acts.last().unwrap(),
@@ -826,19 +558,19 @@ fn bookmark_without_a_nick_uses_the_username_and_no_password() {
 fn bookmark_for_a_room_already_joined_or_joining_does_nothing() {
     let mut w = joined();
     let s = w.bookmark(Some("Other"), Some("pw"), true);
-    assert!(s.passed(), "{:?}", s.acts);
+    assert!(s.passed_untouched(), "{:?}", s.acts);
     assert_eq!(w.members(), membership("Al", &["phone"]));
     assert_eq!(w.persisted(), [stored(R, "Al", None)]);
 
     let mut w = World::new();
     w.session("phone", &join("Al", ""));
-    assert!(w.bookmark(Some("Al"), None, true).passed());
+    assert!(w.bookmark(Some("Al"), None, true).passed_untouched());
     let mut w = World::new();
     w.bookmark(Some("Al"), None, true);
-    assert!(w.bookmark(Some("Al"), None, true).passed());
+    assert!(w.bookmark(Some("Al"), None, true).passed_untouched());
     // A bookmark without autojoin for a room alice is not in: nothing either.
     let mut w = World::new();
-    assert!(w.bookmark(Some("Al"), None, false).passed());
+    assert!(w.bookmark(Some("Al"), None, false).passed_untouched());
     assert_eq!(w.host.stats().accounts, 0);
 }
 
@@ -864,9 +596,9 @@ fn bookmark_retraction_leaves_and_every_joined_session_gets_the_answer() {
     );
     assert!(s.persist);
     assert!(w.members().is_empty());
-    assert!(w.room(&groupchat("bob", "gone")).passed());
+    assert!(w.room(&groupchat("bob", "gone")).passed_untouched());
     // A second retraction: nothing.
-    assert!(w.bookmark(None, None, false).passed());
+    assert!(w.bookmark(None, None, false).passed_untouched());
 }
 
 #[test]
@@ -938,7 +670,7 @@ fn restore_rejoins_with_no_history_and_no_session_gets_anything() {
     assert_eq!(w.members(), membership("Al", &[]));
     assert_eq!(w.persisted(), [stored(R, "Al", Some("pw"))]);
     // Restoring twice does nothing.
-    assert!(w.restore(R, "Al", Some("pw")).passed());
+    assert!(w.restore(R, "Al", Some("pw")).passed_untouched());
 
     assert!(w.room(&occupant("bob")).swallowed());
     assert!(w.room(&occupant("carol")).swallowed());
@@ -953,7 +685,7 @@ fn restore_rejoins_with_no_history_and_no_session_gets_anything() {
     // The first session to join is served locally; the live message comes stamped.
     let s = w.session("phone", &join_showing("Al", "", "here"));
     assert_eq!(
-        s.delivered(),
+        s.delivered_acts(),
         [
             "phone <- presence from=R/bob role=participant",
             "phone <- presence from=R/carol role=participant",
@@ -989,21 +721,14 @@ fn a_session_joining_while_the_restore_join_is_in_flight_gets_the_rest_as_it_com
 
 #[test]
 fn restore_of_an_excluded_or_invalid_room_does_nothing() {
-    let mut w = World {
-        host: Host::new(
-            DOMAIN,
-            Config {
-                excluded_hosts: vec!["conference.example.com".to_owned()],
-                ..Config::default()
-            },
-        ),
-        now: T0,
-        room_sees: None,
-    };
-    assert!(w.restore(R, "Al", None).passed());
-    assert!(w.bookmark(Some("Al"), None, true).passed());
+    let mut w = World::with(Config {
+        excluded_hosts: vec!["conference.example.com".to_owned()],
+        ..Config::default()
+    });
+    assert!(w.restore(R, "Al", None).passed_untouched());
+    assert!(w.bookmark(Some("Al"), None, true).passed_untouched());
     let mut w = World::new();
-    assert!(w.restore("not a jid@@", "Al", None).passed());
+    assert!(w.restore("not a jid@@", "Al", None).passed_untouched());
     assert!(w.persisted().is_empty());
 }
 
@@ -1043,7 +768,7 @@ fn admin_leave_sends_unavailable_and_joined_sessions_get_the_answer() {
     assert_eq!(s.acts, ["send presence unavailable to=R/Al"]);
     assert!(w.persisted().is_empty());
     // A second leave while the first is answered does nothing.
-    assert!(w.leave(R, "again").passed());
+    assert!(w.leave(R, "again").passed_untouched());
     let s = w.room(&self_left("Al"));
     assert_eq!(
         s.acts,
@@ -1055,8 +780,8 @@ fn admin_leave_sends_unavailable_and_joined_sessions_get_the_answer() {
     assert!(s.persist);
     assert!(w.members().is_empty());
     // Leaving a room alice is not in does nothing.
-    assert!(w.leave(R, "again").passed());
-    assert!(w.leave(O, "never joined").passed());
+    assert!(w.leave(R, "again").passed_untouched());
+    assert!(w.leave(O, "never joined").passed_untouched());
 
     // With no session online, the room's answer goes nowhere.
     let mut w = World::new();
@@ -1079,7 +804,7 @@ fn only_live_messages_from_a_joined_room_are_archived() {
     w.session("phone", &join("Al", ""));
     // History the room replays during the join is not archived again.
     let s = w.room(&room_history("bob", "old", T0 - 3600));
-    assert_eq!(s.delivered().len(), 1);
+    assert_eq!(s.delivered_acts().len(), 1);
     assert!(!s.archive);
     // A live message during the join is.
     let s = w.room(&groupchat("bob", "early"));
@@ -1102,7 +827,7 @@ fn only_live_messages_from_a_joined_room_are_archived() {
     for (xml, archive) in &cases {
         let s = w.room(xml);
         assert!(s.handled, "{xml}");
-        assert_eq!(s.delivered().len(), 2, "forked to both: {xml}");
+        assert_eq!(s.delivered_acts().len(), 2, "forked to both: {xml}");
         assert_eq!(s.archive, *archive, "{xml}");
         assert!(!s.persist, "{xml}");
     }
@@ -1117,7 +842,10 @@ fn only_live_messages_from_a_joined_room_are_archived() {
     }
 
     // Rooms alice is not in, and rooms she is leaving: never archived.
-    assert!(w.room(&groupchat("bob", "x").replace("$R", "$O")).passed());
+    assert!(
+        w.room(&groupchat("bob", "x").replace("$R", "$O"))
+            .passed_untouched()
+    );
     w.session("phone", &join("Al", ""));
     w.session("phone", "<presence type='unavailable' to='$R/Al'/>");
     let s = w.room(&groupchat("bob", "while leaving"));
@@ -1132,10 +860,10 @@ fn only_live_messages_from_a_joined_room_are_archived() {
 fn a_groupchat_message_with_subject_and_body_is_an_ordinary_message() {
     let mut w = joined();
     let s = w.room("<message type='groupchat' from='$R/bob' id='both'><subject>Re: plans</subject><body>see you</body></message>");
-    assert_eq!(s.delivered().len(), 1);
+    assert_eq!(s.delivered_acts().len(), 1);
     assert!(s.archive);
     let s = w.session("laptop", &join("Al", ""));
-    let lines = s.delivered();
+    let lines = s.delivered_acts();
     assert!(
         lines.iter().any(|l| l.contains("body=see you")),
         "kept as history: {lines:?}"
@@ -1179,7 +907,10 @@ fn presence_to_the_bare_room_from_a_joined_session_is_a_presence_update() {
     assert!(s.handled);
     assert_eq!(s.acts, ["send presence to=R/Al show=chat"]);
     // From a session that did not join, it is left to the room.
-    assert!(w.session("tablet", "<presence to='$R'/>").passed());
+    assert!(
+        w.session("tablet", "<presence to='$R'/>")
+            .passed_untouched()
+    );
 }
 
 /// A probe from a joined session is answered from what the account knows of the room.
@@ -1190,12 +921,12 @@ fn a_probe_from_a_joined_session_is_answered_locally() {
     assert!(s.handled);
     assert!(s.sent().is_empty());
     assert_eq!(
-        s.delivered(),
+        s.delivered_acts(),
         ["laptop <- presence from=R/bob role=participant"]
     );
     let s = w.session("laptop", "<presence type='probe' to='$R/Al'/>");
-    assert_eq!(s.delivered().len(), 1);
-    assert!(s.delivered()[0].starts_with("laptop <- presence from=R/Al"));
+    assert_eq!(s.delivered_acts().len(), 1);
+    assert!(s.delivered_acts()[0].starts_with("laptop <- presence from=R/Al"));
     // An occupant the account does not know of: the room is asked, from the account.
     let s = w.session("laptop", "<presence type='probe' to='$R/nobody'/>");
     assert_eq!(s.sent().len(), 1);
@@ -1225,4 +956,75 @@ fn a_rejoin_that_makes_the_room_anew_accepts_its_default_configuration() {
     w.session("phone", &join("Al", ""));
     let s = w.room(&self_presence("Al", &[110, 201]));
     assert!(s.sent().is_empty());
+}
+
+// ---------------------------------------------------------------------------------------
+// Timers: a proxied IQ is waited for `iq_timeout` seconds (flow 6)
+
+/// phone asks bob's version through the room at T0; the module's id for it.
+fn version_asked(w: &mut World) -> String {
+    let s = w.session(
+        "phone",
+        "<iq type='get' to='$R/bob' id='v1'><query xmlns='jabber:iq:version'/></iq>",
+    );
+    assert_eq!(s.sent().len(), 1, "{:?}", s.acts);
+    s.sent()[0].attr("id").expect("an id").to_owned()
+}
+
+fn version_reply(id: &str) -> String {
+    format!("<iq type='result' from='$R/bob' id='{id}'><query xmlns='jabber:iq:version'/></iq>")
+}
+
+#[test]
+fn a_reply_after_the_iq_timeout_and_a_tick_is_not_routed() {
+    let mut w = joined();
+    let timeout = w.host.config().iq_timeout;
+    assert_eq!(w.host.next_deadline(), None);
+    let id = version_asked(&mut w);
+    assert_eq!(w.host.next_deadline(), Some(T0 + timeout + 1));
+    // Nothing is sent when an IQ expires: Prosody tells a client nothing either.
+    assert!(w.tick(T0 + timeout + 1).is_empty());
+    let st = w.host.stats();
+    assert_eq!((st.pending_iqs, st.iqs_expired), (0, 1));
+    assert_eq!(w.host.next_deadline(), None);
+    let s = w.room(&version_reply(&id));
+    assert!(s.passed_untouched(), "{:?}", s.acts);
+}
+
+#[test]
+fn a_reply_before_the_iq_timeout_is_routed_whatever_the_ticks() {
+    let mut w = joined();
+    let timeout = w.host.config().iq_timeout;
+    let id = version_asked(&mut w);
+    assert!(w.tick(T0 + 1).is_empty());
+    assert!(w.tick(T0 + timeout).is_empty());
+    assert_eq!(w.host.stats().pending_iqs, 1);
+    let s = w.room(&version_reply(&id));
+    assert_eq!(s.acts, ["phone <- iq result from=R/bob id=v1"]);
+    let st = w.host.stats();
+    assert_eq!((st.pending_iqs, st.iqs_expired), (0, 0));
+}
+
+#[test]
+fn the_next_deadline_is_the_first_pending_iq_to_expire() {
+    let mut w = joined();
+    let timeout = w.host.config().iq_timeout;
+    version_asked(&mut w);
+    w.now = T0 + 10;
+    let later = version_asked(&mut w);
+    assert_eq!(w.host.next_deadline(), Some(T0 + timeout + 1));
+    w.tick(T0 + timeout + 1);
+    assert_eq!(w.host.stats().pending_iqs, 1);
+    assert_eq!(w.host.next_deadline(), Some(T0 + 10 + timeout + 1));
+    // An account left with nothing but expired IQs is forgotten.
+    w.session("phone", &self_left_to("Al"));
+    w.room(&self_left("Al"));
+    assert_eq!(w.host.stats().accounts, 1);
+    w.tick(T0 + 10 + timeout + 1);
+    assert_eq!(w.host.stats().accounts, 0);
+    assert!(w.room(&version_reply(&later)).passed_untouched());
+}
+
+fn self_left_to(nick: &str) -> String {
+    format!("<presence type='unavailable' to='$R/{nick}'/>")
 }

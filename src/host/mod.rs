@@ -1,0 +1,253 @@
+//! The state of one VirtualHost: every account's memberships. Events go in, actions come
+//! out; nothing here does I/O, so every flow of the behaviour contract is a plain unit test.
+//!
+//! The events, by where they come from: what sessions send ([`sessions`]), what rooms send
+//! to the account ([`rooms`]) and what the module does on its own (restore, bookmarks,
+//! admin leaves, timers: [`actions`]).
+
+mod actions;
+mod rooms;
+mod sessions;
+
+use std::collections::{HashMap, HashSet};
+
+use std::rc::Rc;
+
+use crate::iq::IqProxy;
+use crate::membership::{Membership, Phase};
+use crate::stanza::{Addr, Payload};
+
+pub use crate::outcome::{Action, Edit, Out, Outcome};
+
+/// Settings, read by the shim from `minimix_*` options.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Groupchat messages kept per room for later joins.
+    pub history_length: usize,
+    /// Rooms one account may be in through the module.
+    pub max_rooms: usize,
+    /// Occupant presences kept per room.
+    pub max_occupants: usize,
+    /// IQs pending per account, and how long (seconds) a reply is waited for.
+    pub max_pending_iqs: usize,
+    pub iq_timeout: i64,
+    /// MUC hosts and rooms left alone (e.g. IRC gateways).
+    pub excluded_hosts: Vec<String>,
+    pub excluded_rooms: Vec<String>,
+    /// Honour test-fault payloads (for the specs that prove failures are contained).
+    pub test_faults: bool,
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            history_length: 20,
+            max_rooms: 100,
+            max_occupants: 1000,
+            max_pending_iqs: 256,
+            iq_timeout: 120,
+            excluded_hosts: Vec::new(),
+            excluded_rooms: Vec::new(),
+            test_faults: false,
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct Account {
+    rooms: HashMap<String, Membership>,
+    iqs: IqProxy,
+}
+
+/// Counts for the admin and the tests.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Stats {
+    pub accounts: usize,
+    pub memberships: usize,
+    pub joined_sessions: usize,
+    pub cached_presences: usize,
+    pub cached_messages: usize,
+    pub pending_iqs: usize,
+    /// Bytes of kept stanza text (shared text counted once per membership).
+    pub kept_bytes: usize,
+    /// Counters since the host's state was made.
+    pub forked: u64,
+    pub joins_served_locally: u64,
+    pub iqs_proxied: u64,
+    /// Proxied IQs whose reply was not waited for any longer (dropped by a tick).
+    pub iqs_expired: u64,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct Counters {
+    forked: u64,
+    joins_served_locally: u64,
+    iqs_proxied: u64,
+    iqs_expired: u64,
+}
+
+pub struct Host {
+    domain: String,
+    config: Config,
+    accounts: HashMap<String, Account>,
+    iq_seq: u64,
+    /// Orders session presences, for "the latest on ties".
+    presence_seq: u64,
+    counters: Counters,
+    /// Services known to be MUCs (local MUC components; others by disco#info), as the
+    /// shim learned them: a presence without `<x/>` to one of these is a join.
+    muc_services: HashSet<String>,
+}
+
+impl Host {
+    pub fn new(domain: &str, config: Config) -> Host {
+        Host {
+            domain: domain.to_owned(),
+            config,
+            accounts: HashMap::new(),
+            iq_seq: 0,
+            presence_seq: 0,
+            counters: Counters::default(),
+            muc_services: HashSet::new(),
+        }
+    }
+
+    /// The shim learned whether `domain` is a MUC service.
+    pub fn learn_service(&mut self, domain: &str, is_muc: bool) {
+        if is_muc {
+            self.muc_services.insert(domain.to_owned());
+        } else {
+            self.muc_services.remove(domain);
+        }
+    }
+
+    /// Whether a presence to `room` is MUC traffic even without `<x/>`: the room's service
+    /// is known to be a MUC, or the account is in rooms there already.
+    fn known_muc_service(&self, user: &str, room: &str) -> bool {
+        let domain = Addr::parse(room).map_or(room, |a| a.domain);
+        self.muc_services.contains(domain)
+            || self.accounts.get(user).is_some_and(|a| {
+                a.rooms
+                    .keys()
+                    .any(|r| Addr::parse(r).is_some_and(|a| a.domain == domain))
+            })
+    }
+
+    pub fn domain(&self) -> &str {
+        &self.domain
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    fn excluded(&self, room: &str, muc_host: &str) -> bool {
+        self.config.excluded_hosts.iter().any(|h| h == muc_host)
+            || self.config.excluded_rooms.iter().any(|r| r == room)
+    }
+
+    /// Whether the room ever confirmed the account's membership (a self-presence, 110):
+    /// stored with it, so that only confirmed memberships are trusted after a restart.
+    pub fn confirmed(&self, user: &str, room: &str) -> bool {
+        self.membership(user, room).is_some_and(|m| m.confirmed)
+    }
+
+    /// What to store of an account's memberships: room, nick and password of each room it
+    /// is in or joining, sorted by room.
+    pub fn persisted(&self, user: &str) -> Vec<(String, String, Option<String>)> {
+        let mut v: Vec<_> = self
+            .accounts
+            .get(user)
+            .map(|a| {
+                a.rooms
+                    .values()
+                    .filter(|m| m.phase != Phase::Leaving)
+                    .map(|m| (m.room.to_string(), m.nick.clone(), m.password.clone()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
+    }
+
+    // ---------------------------------------------------------------------------------
+
+    fn membership(&self, user: &str, room: &str) -> Option<&Membership> {
+        self.accounts.get(user)?.rooms.get(room)
+    }
+
+    fn membership_mut(&mut self, user: &str, room: &str) -> Option<&mut Membership> {
+        self.accounts.get_mut(user)?.rooms.get_mut(room)
+    }
+
+    /// The sessions of `user` taking part in `room` (joined or joining), oldest first.
+    pub fn participants_of(&self, user: &str, room: &str) -> Vec<Rc<str>> {
+        self.membership(user, room).map_or_else(Vec::new, |m| {
+            m.participants.iter().map(|p| p.resource.clone()).collect()
+        })
+    }
+
+    /// Rooms of an account with the account's nick and joined sessions, sorted by room.
+    pub fn memberships_of(&self, user: &str) -> Vec<(String, String, Vec<String>)> {
+        let mut v: Vec<_> = self
+            .accounts
+            .get(user)
+            .map(|a| {
+                a.rooms
+                    .values()
+                    .map(|m| {
+                        let sessions = m
+                            .participants
+                            .iter()
+                            .filter(|p| p.joined)
+                            .map(|p| p.resource.to_string())
+                            .collect();
+                        (m.room.to_string(), m.nick.clone(), sessions)
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
+    }
+
+    pub fn stats(&self) -> Stats {
+        let mut s = Stats {
+            accounts: self.accounts.len(),
+            forked: self.counters.forked,
+            joins_served_locally: self.counters.joins_served_locally,
+            iqs_proxied: self.counters.iqs_proxied,
+            iqs_expired: self.counters.iqs_expired,
+            ..Stats::default()
+        };
+        for a in self.accounts.values() {
+            s.memberships += a.rooms.len();
+            s.pending_iqs += a.iqs.len();
+            for m in a.rooms.values() {
+                s.joined_sessions += m.participants.iter().filter(|p| p.joined).count();
+                s.cached_presences += m.occupants.len();
+                s.cached_messages += m.history.len();
+                s.kept_bytes += m.occupants.text_bytes()
+                    + m.history.text_bytes()
+                    + m.self_presence.as_ref().map_or(0, |p| p.len())
+                    + m.subject.as_ref().map_or(0, |p| p.len());
+            }
+        }
+        s
+    }
+}
+
+/// A stanza's serialized form, to keep; none when it could not be serialized (nested past
+/// what the bridge reads): such a stanza is forked but not kept.
+fn kept(el: &dyn Payload) -> Option<Rc<str>> {
+    Some(el.xml()).filter(|xml| !xml.is_empty())
+}
+
+fn drop_empty(accounts: &mut HashMap<String, Account>, user: &str) {
+    if accounts
+        .get(user)
+        .is_some_and(|a| a.rooms.is_empty() && a.iqs.is_empty())
+    {
+        accounts.remove(user);
+    }
+}

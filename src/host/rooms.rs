@@ -1,0 +1,344 @@
+//! What a room sends to an account of this host (Prosody's presence/bare, message/bare
+//! and iq/bare events): forked to the sessions taking part, and kept for later joins.
+
+use minidom::Element;
+
+use super::{Host, drop_empty, kept};
+use crate::membership::Phase;
+use crate::note::Note;
+use crate::outcome::{Action, Edit, Out, Outcome, own_copy};
+use crate::presence;
+use crate::stanza::{Addr, Head, Kind, NS_CLIENT, NS_DELAY, Payload, Status, has_status};
+
+impl Host {
+    /// The room sent `el` to an account (convenience over [`Host::room_event`]).
+    pub fn room_stanza(&mut self, el: &Element, now: i64) -> Outcome {
+        match Head::of(el) {
+            Some(head) => self.room_event(&head, el, now),
+            None => Outcome::pass(),
+        }
+    }
+
+    pub fn room_event(&mut self, head: &Head, el: &dyn Payload, now: i64) -> Outcome {
+        let out = self.room_event_inner(head, el, now);
+        self.counters.forked += out
+            .actions
+            .iter()
+            .filter(|a| {
+                matches!(
+                    a,
+                    Action::Deliver {
+                        stanza: Out::Original { .. }
+                            | Out::Kept {
+                                edit: Edit::OwnJid { .. },
+                                ..
+                            },
+                        ..
+                    }
+                )
+            })
+            .count() as u64;
+        out
+    }
+
+    fn room_event_inner(&mut self, head: &Head, el: &dyn Payload, now: i64) -> Outcome {
+        let head = *head;
+        let Some(to) = head.to.and_then(Addr::parse) else {
+            return Outcome::pass();
+        };
+        let (Some(user), None) = (to.node, to.resource) else {
+            return Outcome::pass();
+        };
+        if to.domain != self.domain {
+            return Outcome::pass();
+        }
+        let Some(from_text) = head.from else {
+            return Outcome::pass();
+        };
+        let Some(from) = Addr::parse(from_text) else {
+            return Outcome::pass();
+        };
+        let room = Addr::bare_of(from_text);
+        match head.kind {
+            Kind::Iq => self.room_iq(user, el, &head, room, from_text),
+            Kind::Presence => self.room_presence(user, el, &head, room, from.resource),
+            Kind::Message => self.room_message(user, el, &head, room, now),
+        }
+    }
+
+    fn room_presence(
+        &mut self,
+        user: &str,
+        el: &dyn Payload,
+        head: &Head,
+        room: &str,
+        nick: Option<&str>,
+    ) -> Outcome {
+        let max_occupants = self.config.max_occupants;
+        let Some(account) = self.accounts.get_mut(user) else {
+            return Outcome::pass();
+        };
+        let Some(m) = account.rooms.get_mut(room) else {
+            return Outcome::pass();
+        };
+        let mut out = Outcome::handled(user);
+        if head.is_type("error") {
+            match m.phase {
+                Phase::Joining => {
+                    out.fork(m);
+                    let condition = el.error_condition();
+                    out.note(Note::JoinFailed {
+                        user,
+                        room,
+                        condition: condition.as_deref(),
+                    });
+                    account.rooms.remove(room);
+                    out.participants_changed(room);
+                    out.persist = true;
+                    drop_empty(&mut self.accounts, user);
+                }
+                Phase::Leaving => {
+                    for r in &m.leave_waiters {
+                        out.deliver_original(r);
+                    }
+                    account.rooms.remove(room);
+                    out.participants_changed(room);
+                    out.persist = true;
+                    drop_empty(&mut self.accounts, user);
+                }
+                Phase::Joined => {
+                    let about_own_nick = nick.is_none_or(|n| n == m.nick);
+                    match m.nick_change_by.take() {
+                        // The answer to a nick change goes to the asker only.
+                        Some(asker) if !about_own_nick => out.deliver_original(&asker),
+                        // Its asker is gone: nobody else asked.
+                        None if !about_own_nick => {}
+                        _ => out.fork(m),
+                    }
+                }
+            }
+            return out;
+        }
+        if head.type_.is_some() && !head.is_type("unavailable") {
+            // Rooms send no other presence types (subscribe, probe, …) to occupants:
+            // none of it is room state.
+            return Outcome::pass();
+        }
+        let Some(nick) = nick else {
+            out.fork(m);
+            return out;
+        };
+        let unavailable = head.is_type("unavailable");
+        let codes = el.status_codes();
+        let is_self = has_status(&codes, &Status::SelfPresence);
+        let nick_changed = unavailable && has_status(&codes, &Status::NewNick);
+        if !is_self {
+            if nick_changed {
+                m.occupants.remove(nick);
+            } else {
+                m.occupants
+                    .update(nick, !unavailable, max_occupants, || kept(el));
+            }
+            if m.phase != Phase::Leaving {
+                out.fork(m);
+            }
+            return out;
+        }
+        // The account's own presence: each session sees its own full JID in it.
+        let account_jid = format!("{user}@{}", self.domain);
+        let xml = kept(el);
+        if !unavailable {
+            if m.phase == Phase::Leaving {
+                return out;
+            }
+            if m.phase == Phase::Joining
+                && m.made_by_module
+                && has_status(&codes, &Status::RoomHasBeenCreated)
+            {
+                // The room was gone and this join made it anew. Prosody locks a new room
+                // until its owner configures it, and no session is here to do that: accept
+                // the default configuration (an instant room, XEP-0045 §10.1.2), as
+                // Prosody does itself without room locking, so that every account and
+                // client can come back to it.
+                out.note(Note::MadeAnew { user, room });
+                out.actions.push(Action::Send {
+                    stanza: Out::New(presence::instant_room(room)),
+                });
+            }
+            if m.phase == Phase::Joining {
+                out.note(Note::Joined { user, room, nick });
+                out.persist = true;
+            }
+            m.confirmed = true;
+            m.phase = Phase::Joined;
+            m.mark_all_joined();
+            m.nick = nick.to_owned();
+            m.nick_change_by = None;
+            m.self_presence = xml.clone().or(m.self_presence.take());
+            m.affiliation = el.item_attr("affiliation");
+            out.fork_own(m, &account_jid, &xml);
+            // Presence changes made while the join was in flight reach the room now.
+            presence::update_room(m, &mut out);
+            return out;
+        }
+        if nick_changed {
+            if let Some(new_nick) = el.item_attr("nick") {
+                m.nick = new_nick;
+                out.persist = true;
+            }
+            out.fork_own(m, &account_jid, &xml);
+            return out;
+        }
+        if !m.leave_waiters.is_empty() || m.phase == Phase::Leaving {
+            // The answer to the account's own leave.
+            for r in std::mem::take(&mut m.leave_waiters) {
+                out.deliver(&r, own_copy(&xml, &account_jid, &r));
+            }
+            if m.phase == Phase::Leaving {
+                account.rooms.remove(room);
+                out.participants_changed(room);
+                out.persist = true;
+                drop_empty(&mut self.accounts, user);
+                out.note(Note::Left { user, room });
+            }
+            return out;
+        }
+        // Removed by the room: kick, ban, affiliation change, members-only, shutdown,
+        // error kick or destruction. Every session learns it; nobody rejoins on its own.
+        out.fork_own(m, &account_jid, &xml);
+        out.note(Note::Removed {
+            user,
+            room,
+            codes: &codes,
+        });
+        account.rooms.remove(room);
+        out.participants_changed(room);
+        out.persist = true;
+        drop_empty(&mut self.accounts, user);
+        out
+    }
+
+    fn room_message(
+        &mut self,
+        user: &str,
+        el: &dyn Payload,
+        head: &Head,
+        room: &str,
+        now: i64,
+    ) -> Outcome {
+        let history_length = self.config.history_length;
+        let Some(m) = self.membership_mut(user, room) else {
+            return Outcome::pass();
+        };
+        let mut out = Outcome::handled(user);
+        if m.phase == Phase::Leaving {
+            return out;
+        }
+        if head.is_type("groupchat") {
+            let has_body = el.has_child("body", NS_CLIENT);
+            // XEP-0045 §8.1: only a subject without a body changes the subject.
+            if !has_body && el.has_child("subject", NS_CLIENT) {
+                m.subject = kept(el).or(m.subject.take());
+                m.complete = true;
+            } else if has_body {
+                let delay = el
+                    .child_attr("delay", NS_DELAY, "stamp")
+                    .and_then(|s| crate::time::parse_stamp(&s));
+                // Live traffic means the join answer is over, even from a room that sends
+                // no subject at all. History the room replays is not archived again.
+                if delay.is_none() {
+                    m.complete = true;
+                    out.archive = true;
+                }
+                if let Some(xml) = kept(el) {
+                    m.history.push(xml, delay, now, history_length);
+                }
+            }
+        } else if head.is_type("chat")
+            && el.has_child("body", NS_CLIENT)
+            && !el.has_child("delay", NS_DELAY)
+        {
+            // A private message from an occupant: mod_mam would have archived it.
+            out.archive = true;
+        }
+        out.fork(m);
+        out
+    }
+
+    fn room_iq(
+        &mut self,
+        user: &str,
+        el: &dyn Payload,
+        head: &Head,
+        room: &str,
+        from: &str,
+    ) -> Outcome {
+        let Some(account) = self.accounts.get_mut(user) else {
+            return Outcome::pass();
+        };
+        let mut out = Outcome::handled(user);
+        match head.type_ {
+            Some("result" | "error") => {
+                let Some(pending) = head.id.and_then(|id| account.iqs.take(id, from)) else {
+                    return Outcome::pass();
+                };
+                if pending.self_ping
+                    && head.is_type("error")
+                    && !self_ping_error_means_joined(el.error_condition().as_deref())
+                {
+                    out.note(Note::GoneBySelfPing { user, room });
+                    account.rooms.remove(room);
+                    out.participants_changed(room);
+                    out.persist = true;
+                }
+                out.deliver(&pending.resource, Out::Original { id: pending.id });
+                drop_empty(&mut self.accounts, user);
+                out
+            }
+            _ => {
+                let Some(m) = account.rooms.get(room) else {
+                    return Outcome::pass();
+                };
+                // vCard and PubSub queries are addressed to the bare JID on purpose (the
+                // room does so): the user's server answers them, avatars included.
+                if el
+                    .first_child()
+                    .is_some_and(|(_, ns)| ANSWERED_BY_SERVER.contains(&ns.as_str()))
+                {
+                    return Outcome::pass();
+                }
+                // An IQ another occupant sent to the account's nick: one joined session
+                // answers, as the room does for occupants with several sessions.
+                match m.latest_joined() {
+                    Some(r) => {
+                        out.deliver_original(r);
+                        out
+                    }
+                    None => Outcome::pass(),
+                }
+            }
+        }
+    }
+}
+
+/// Namespaces of IQs to an occupant that the room sends to the occupant's bare JID.
+const ANSWERED_BY_SERVER: [&str; 3] = [
+    "vcard-temp",
+    "http://jabber.org/protocol/pubsub",
+    "urn:ietf:params:xml:ns:vcard-4.0",
+];
+
+/// XEP-0410 §3.2: these errors to a self-ping mean the occupant is still joined (the room
+/// does not answer pings itself) or that nothing is known (the network failed). Any other
+/// error means the account is no longer in the room.
+fn self_ping_error_means_joined(condition: Option<&str>) -> bool {
+    matches!(
+        condition,
+        Some(
+            "service-unavailable"
+                | "feature-not-implemented"
+                | "remote-server-not-found"
+                | "remote-server-timeout"
+        )
+    )
+}
