@@ -114,7 +114,7 @@ pub fn exports(lua: &Lua) -> LuaResult<Table> {
         })?,
     )?;
     t.raw_set("version", env!("CARGO_PKG_VERSION"))?;
-    // The constants of the outcomes the hot entry points return (raw.rs, push_outcome).
+    // The constants of the replies the hot entry points return (raw.rs, Reply).
     let flags = lua.create_table()?;
     flags.raw_set("persist", raw::FLAG_PERSIST)?;
     flags.raw_set("archive", raw::FLAG_ARCHIVE)?;

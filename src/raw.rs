@@ -8,8 +8,17 @@
 //!
 //! Safety: every function here runs inside a Lua C function call on the stack it was
 //! given. Strings borrowed from stanza tables stay valid for the call, because the tables
-//! hold them and nothing here changes a stanza. All Rust work runs inside `catch_unwind`,
-//! and nothing here raises a Lua error, so no Rust frame is ever skipped by `longjmp`.
+//! hold them and nothing here changes a stanza: [`Frame`] ties their lifetime to the call.
+//! All Rust work runs inside `catch_unwind`. An event runs in two phases:
+//!
+//! 1. With the state borrowed (`host`, `indexed`, `memo`), the stanza is read with raw
+//!    accessors that cannot raise (no metamethods; key strings are the closure's upvalues,
+//!    so looking them up allocates nothing) and the core decides. What the event changes
+//!    on the Lua side is prepared as plain data ([`Reply`], [`IndexChange`]).
+//! 2. With every guard released, one protected call ([`encode`], `lua_pcall`) makes every
+//!    Lua value of the reply and applies the index change. A Lua error there (not enough
+//!    memory) fails that event only: the Rust-side mirror of the index is committed only
+//!    after success (the rooms concerned are re-synchronised by the next event otherwise).
 
 use std::borrow::Cow;
 use std::cell::RefCell;
@@ -24,12 +33,14 @@ use mlua::ffi::{self, lua_State};
 use xmpp_parsers::muc::muc::History as HistoryRequest;
 
 use crate::host::{Action, Edit, Host, Out, Outcome};
-use crate::stanza::{Head, Kind, NS_CLIENT, NS_MUC, NS_MUC_USER, NS_STANZAS, Payload};
+use crate::stanza::{
+    Head, Kind, NS_CLIENT, NS_MUC, NS_MUC_USER, NS_STANZAS, NS_TEST_FAULT, Payload,
+};
 
 /// Stanzas nested deeper than this are not serialized (they pass on untouched).
 const MAX_DEPTH: usize = 64;
 
-// What the shim reads in an outcome (see `push_outcome`). Handed to Lua as
+// What the shim reads in a reply (see [`Reply`]). Handed to Lua as
 // `minimix.flags` and `minimix.ops` (bridge.rs), never written down again on that side.
 /// Store the account's memberships again.
 pub(crate) const FLAG_PERSIST: ffi::lua_Integer = 1;
@@ -45,6 +56,28 @@ pub(crate) const FLAG_ONE_SESSION: ffi::lua_Integer = 8;
 pub(crate) const OP_DELIVER: i64 = 1;
 pub(crate) const OP_SEND: i64 = 2;
 
+/// Stack slots an entry point reserves before it reads anything (the readers nest a few
+/// tables deep; the serializer reserves more per level itself).
+const READ_STACK: c_int = 32;
+
+/// The key strings the readers look up, kept as upvalues of every entry point (2, 3, …)
+/// in this order, so that reading a stanza pushes them without allocating.
+const KEYS: [&CStr; 9] = [
+    c"name", c"attr", c"tags", c"xmlns", c"from", c"to", c"type", c"id", c"code",
+];
+#[derive(Clone, Copy)]
+enum Key {
+    Name = 0,
+    Attr,
+    Tags,
+    Xmlns,
+    From,
+    To,
+    Type,
+    Id,
+    Code,
+}
+
 /// The state of one VirtualHost, shared by the hot entry points and the admin methods.
 pub struct Shared {
     pub host: RefCell<Host>,
@@ -53,6 +86,8 @@ pub struct Shared {
     /// Registry reference to Prosody's `util.stanza` metatable.
     stanza_mt: c_int,
     memo: RefCell<Option<Memo>>,
+    /// `minimix_test_faults`: a stanza with a `memory` fault makes its reply fail.
+    test_faults: bool,
     /// Registry reference to the session index the shim reads:
     /// `index[full_jid] = { [room] = true, … }` for every session taking part in a room
     /// (joined or joining). It lets the shim send a joined session's groupchat from the
@@ -62,17 +97,25 @@ pub struct Shared {
     /// What the index holds, by account and room (to update it by difference), with the
     /// list of full JIDs that forks of the room go to.
     indexed: RefCell<Indexed>,
+    /// Rooms whose index entries an event failed to update (its protected call raised):
+    /// the next event brings them up to date.
+    resync: RefCell<Vec<(String, String)>>,
+    /// Entry points still alive: the last one collected frees the registry references.
+    closures: std::cell::Cell<usize>,
 }
 
 type Indexed = HashMap<String, HashMap<String, IndexedRoom>>;
 
 /// The sessions of one account taking part in one room.
 struct IndexedRoom {
+    /// The sessions the index has in the room; when `synced` is false (an update failed),
+    /// every session the index may have in it.
     sessions: Vec<Rc<str>>,
     /// Registry reference to a Lua list of their full JIDs, handed to the shim for every
     /// fork of the room. Never changed once made (a change makes a new list), so a list
     /// the shim is still going through stays as it was.
     list: c_int,
+    synced: bool,
 }
 
 /// The last stanza table serialized and its text. A room sends the same table to every
@@ -95,11 +138,14 @@ unsafe fn new_shared(l: *mut lua_State, host: Host, mt_index: c_int) -> Rc<Share
         let session_rooms = ffi::luaL_ref(l, ffi::LUA_REGISTRYINDEX);
         Rc::new(Shared {
             domain: host.domain().to_owned(),
+            test_faults: host.config().test_faults,
             host: RefCell::new(host),
             stanza_mt,
             memo: RefCell::new(None),
             session_rooms,
             indexed: RefCell::new(HashMap::new()),
+            resync: RefCell::new(Vec::new()),
+            closures: std::cell::Cell::new(0),
         })
     }
 }
@@ -107,230 +153,289 @@ unsafe fn new_shared(l: *mut lua_State, host: Host, mt_index: c_int) -> Rc<Share
 // ---------------------------------------------------------------------------------------
 // Reading stanza tables in place.
 
-/// A string at `idx`, borrowed for as long as whatever holds it does.
-unsafe fn str_at<'a>(l: *mut lua_State, idx: c_int) -> Option<&'a str> {
-    unsafe {
-        if ffi::lua_type(l, idx) != ffi::LUA_TSTRING {
-            return None;
-        }
-        let mut len = 0usize;
-        let p = ffi::lua_tolstring(l, idx, &mut len);
-        std::str::from_utf8(std::slice::from_raw_parts(p.cast::<u8>(), len)).ok()
-    }
-}
-
-/// `t[key]` as a string, where `t` is the table at absolute index `t`.
-unsafe fn field_str<'a>(l: *mut lua_State, t: c_int, key: &CStr) -> Option<&'a str> {
-    unsafe {
-        ffi::lua_getfield(l, t, key.as_ptr());
-        let s = str_at(l, -1);
-        ffi::lua_pop(l, 1);
-        s
-    }
-}
-
-/// `t.attr[key]` as a string.
-unsafe fn attr_str<'a>(l: *mut lua_State, t: c_int, key: &CStr) -> Option<&'a str> {
-    unsafe {
-        if ffi::lua_getfield(l, t, c"attr".as_ptr()) != ffi::LUA_TTABLE {
-            ffi::lua_pop(l, 1);
-            return None;
-        }
-        let s = field_str(l, ffi::lua_gettop(l), key);
-        ffi::lua_pop(l, 1);
-        s
-    }
-}
-
-/// Call `f` with the absolute index of each child element of the table at `t`, until it
-/// returns `Some`.
-unsafe fn find_in_children<R>(
+/// The Lua stack of one call into an entry point. Strings borrowed through it live for
+/// `'f`, the call: the values on the stack (and the stanza tables reachable from them, which
+/// nothing here changes) hold them that long. Every reader uses raw accessors only, with
+/// key strings pushed from the closure's upvalues, so none of them can raise a Lua error;
+/// the stack space they use is reserved on entry ([`Frame::enter`]).
+#[derive(Clone, Copy)]
+pub(crate) struct Frame<'f> {
     l: *mut lua_State,
-    t: c_int,
-    mut f: impl FnMut(c_int) -> Option<R>,
-) -> Option<R> {
-    unsafe {
-        if ffi::lua_getfield(l, t, c"tags".as_ptr()) != ffi::LUA_TTABLE {
-            ffi::lua_pop(l, 1);
+    _call: std::marker::PhantomData<&'f ()>,
+}
+
+impl<'f> Frame<'f> {
+    /// Run `f` with the frame of this call, after reserving [`READ_STACK`] slots.
+    ///
+    /// # Safety
+    /// `l` is the state of a running C function that has the key strings as upvalues
+    /// 2, 3, … ([`KEYS`]), and the stanza tables on its stack are not changed during `f`.
+    unsafe fn enter<R>(l: *mut lua_State, f: impl for<'g> FnOnce(Frame<'g>) -> R) -> Option<R> {
+        if unsafe { ffi::lua_checkstack(l, READ_STACK) } == 0 {
             return None;
         }
-        let tags = ffi::lua_gettop(l);
-        let n = ffi::lua_rawlen(l, tags);
+        Some(f(Frame {
+            l,
+            _call: std::marker::PhantomData,
+        }))
+    }
+
+    /// Push `t[key]` for the table at absolute index `t`, without metamethods; returns its
+    /// type.
+    fn raw_field(self, t: c_int, key: Key) -> c_int {
+        unsafe {
+            ffi::lua_pushvalue(self.l, ffi::lua_upvalueindex(key as c_int + 2));
+            ffi::lua_rawget(self.l, t)
+        }
+    }
+
+    fn pop(self, n: c_int) {
+        unsafe { ffi::lua_pop(self.l, n) }
+    }
+
+    fn top(self) -> c_int {
+        unsafe { ffi::lua_gettop(self.l) }
+    }
+
+    /// A string at `idx`.
+    fn str_at(self, idx: c_int) -> Option<&'f str> {
+        unsafe {
+            if ffi::lua_type(self.l, idx) != ffi::LUA_TSTRING {
+                return None;
+            }
+            let mut len = 0usize;
+            let p = ffi::lua_tolstring(self.l, idx, &mut len);
+            std::str::from_utf8(std::slice::from_raw_parts(p.cast::<u8>(), len)).ok()
+        }
+    }
+
+    /// `t[key]` as a string, where `t` is the table at absolute index `t`.
+    fn field_str(self, t: c_int, key: Key) -> Option<&'f str> {
+        self.raw_field(t, key);
+        let s = self.str_at(-1);
+        self.pop(1);
+        s
+    }
+
+    /// `t.attr[key]` as a string.
+    fn attr_str(self, t: c_int, key: Key) -> Option<&'f str> {
+        if self.raw_field(t, Key::Attr) != ffi::LUA_TTABLE {
+            self.pop(1);
+            return None;
+        }
+        let s = self.field_str(self.top(), key);
+        self.pop(1);
+        s
+    }
+
+    /// `t.attr[name]` as a string, for a name without a key string of its own: found by
+    /// going through the attributes (a handful), which allocates nothing.
+    fn attr_named(self, t: c_int, name: &str) -> Option<&'f str> {
+        if self.raw_field(t, Key::Attr) != ffi::LUA_TTABLE {
+            self.pop(1);
+            return None;
+        }
+        let attr = self.top();
+        let mut found = None;
+        unsafe {
+            ffi::lua_pushnil(self.l);
+            while ffi::lua_next(self.l, attr) != 0 {
+                if self.str_at(-2) == Some(name) {
+                    found = self.str_at(-1);
+                    self.pop(2);
+                    break;
+                }
+                self.pop(1);
+            }
+        }
+        self.pop(1);
+        found
+    }
+
+    /// Call `f` with the absolute index of each child element of the table at `t`, until
+    /// it returns `Some`.
+    fn find_in_children<R>(self, t: c_int, mut f: impl FnMut(c_int) -> Option<R>) -> Option<R> {
+        if self.raw_field(t, Key::Tags) != ffi::LUA_TTABLE {
+            self.pop(1);
+            return None;
+        }
+        let tags = self.top();
+        let n = unsafe { ffi::lua_rawlen(self.l, tags) };
         let mut found = None;
         for i in 1..=n {
-            if ffi::lua_rawgeti(l, tags, i as ffi::lua_Integer) == ffi::LUA_TTABLE {
-                found = f(ffi::lua_gettop(l));
+            if unsafe { ffi::lua_rawgeti(self.l, tags, i as ffi::lua_Integer) } == ffi::LUA_TTABLE {
+                found = f(self.top());
             }
-            ffi::lua_pop(l, 1);
+            self.pop(1);
             if found.is_some() {
                 break;
             }
         }
-        ffi::lua_pop(l, 1);
+        self.pop(1);
         found
     }
-}
 
-/// Whether the element table at `t` is `name` in `ns` (its own xmlns, or its parent's).
-unsafe fn is_element(l: *mut lua_State, t: c_int, name: &str, ns: &str, parent_ns: &str) -> bool {
-    unsafe {
-        field_str(l, t, c"name") == Some(name)
-            && attr_str(l, t, c"xmlns").unwrap_or(parent_ns) == ns
+    /// Whether the element table at `t` is `name` in `ns` (its own xmlns, or its parent's).
+    fn is_element(self, t: c_int, name: &str, ns: &str, parent_ns: &str) -> bool {
+        self.field_str(t, Key::Name) == Some(name)
+            && self.attr_str(t, Key::Xmlns).unwrap_or(parent_ns) == ns
     }
-}
 
-/// Run `f` with the index of the first child `name` in `ns` of the element at `t`.
-unsafe fn with_child<R>(
-    l: *mut lua_State,
-    t: c_int,
-    name: &str,
-    ns: &str,
-    parent_ns: &str,
-    f: impl FnOnce(c_int) -> Option<R>,
-) -> Option<R> {
-    unsafe {
+    /// Run `f` with the index of the first child `name` in `ns` of the element at `t`.
+    fn with_child<R>(
+        self,
+        t: c_int,
+        name: &str,
+        ns: &str,
+        parent_ns: &str,
+        f: impl FnOnce(c_int) -> Option<R>,
+    ) -> Option<R> {
         let mut f = Some(f);
-        find_in_children(l, t, |c| {
-            if is_element(l, c, name, ns, parent_ns) {
+        self.find_in_children(t, |c| {
+            if self.is_element(c, name, ns, parent_ns) {
                 f.take().and_then(|f| f(c))
             } else {
                 None
             }
         })
     }
+
+    fn read_head(self, t: c_int) -> Option<Head<'f>> {
+        let kind = match self.field_str(t, Key::Name)? {
+            "message" => Kind::Message,
+            "presence" => Kind::Presence,
+            "iq" => Kind::Iq,
+            _ => return None,
+        };
+        if self.raw_field(t, Key::Attr) != ffi::LUA_TTABLE {
+            self.pop(1);
+            return None;
+        }
+        let attr = self.top();
+        let head = Head {
+            kind,
+            from: self.field_str(attr, Key::From),
+            to: self.field_str(attr, Key::To),
+            type_: self.field_str(attr, Key::Type),
+            id: self.field_str(attr, Key::Id),
+        };
+        self.pop(1);
+        Some(head)
+    }
 }
 
-struct RawStanza<'a> {
-    l: *mut lua_State,
+struct RawStanza<'a, 'f> {
+    s: Frame<'f>,
     idx: c_int,
     memo: &'a RefCell<Option<Memo>>,
+    /// The text of this stanza when the memo did not hold it: kept in the memo (with a
+    /// reference to the table) by the protected call, once the event succeeded.
+    fresh: RefCell<Option<Rc<str>>>,
 }
 
-impl Payload for RawStanza<'_> {
+impl Payload for RawStanza<'_, '_> {
     fn has_child(&self, name: &str, ns: &str) -> bool {
-        unsafe { with_child(self.l, self.idx, name, ns, NS_CLIENT, |_| Some(())).is_some() }
+        self.s
+            .with_child(self.idx, name, ns, NS_CLIENT, |_| Some(()))
+            .is_some()
     }
 
     fn child_attr(&self, name: &str, ns: &str, attr: &str) -> Option<String> {
-        let key = std::ffi::CString::new(attr).ok()?;
-        unsafe {
-            with_child(self.l, self.idx, name, ns, NS_CLIENT, |c| {
-                attr_str(self.l, c, &key).map(str::to_owned)
-            })
-        }
+        let s = self.s;
+        s.with_child(self.idx, name, ns, NS_CLIENT, |c| {
+            s.attr_named(c, attr).map(str::to_owned)
+        })
     }
 
     fn first_child(&self) -> Option<(String, String)> {
-        unsafe {
-            find_in_children(self.l, self.idx, |c| {
-                let name = field_str(self.l, c, c"name")?;
-                let ns = attr_str(self.l, c, c"xmlns").unwrap_or(NS_CLIENT);
-                Some((name.to_owned(), ns.to_owned()))
-            })
-        }
+        let s = self.s;
+        s.find_in_children(self.idx, |c| {
+            let name = s.field_str(c, Key::Name)?;
+            let ns = s.attr_str(c, Key::Xmlns).unwrap_or(NS_CLIENT);
+            Some((name.to_owned(), ns.to_owned()))
+        })
     }
 
     fn status_codes(&self) -> Vec<u16> {
-        let l = self.l;
+        let s = self.s;
         let mut codes = Vec::new();
-        unsafe {
-            with_child(l, self.idx, "x", NS_MUC_USER, NS_CLIENT, |x| {
-                find_in_children::<()>(l, x, |c| {
-                    if is_element(l, c, "status", NS_MUC_USER, NS_MUC_USER)
-                        && let Some(code) = attr_str(l, c, c"code").and_then(|v| v.parse().ok())
-                    {
-                        codes.push(code);
-                    }
-                    None
-                })
-            });
-        }
+        s.with_child(self.idx, "x", NS_MUC_USER, NS_CLIENT, |x| {
+            s.find_in_children::<()>(x, |c| {
+                if s.is_element(c, "status", NS_MUC_USER, NS_MUC_USER)
+                    && let Some(code) = s.attr_str(c, Key::Code).and_then(|v| v.parse().ok())
+                {
+                    codes.push(code);
+                }
+                None
+            })
+        });
         codes
     }
 
     fn item_attr(&self, attr: &str) -> Option<String> {
-        let key = std::ffi::CString::new(attr).ok()?;
-        let l = self.l;
-        unsafe {
-            with_child(l, self.idx, "x", NS_MUC_USER, NS_CLIENT, |x| {
-                with_child(l, x, "item", NS_MUC_USER, NS_MUC_USER, |i| {
-                    attr_str(l, i, &key).map(str::to_owned)
-                })
+        let s = self.s;
+        s.with_child(self.idx, "x", NS_MUC_USER, NS_CLIENT, |x| {
+            s.with_child(x, "item", NS_MUC_USER, NS_MUC_USER, |i| {
+                s.attr_named(i, attr).map(str::to_owned)
             })
-        }
+        })
     }
 
     fn error_condition(&self) -> Option<String> {
-        let l = self.l;
-        unsafe {
-            with_child(l, self.idx, "error", NS_CLIENT, NS_CLIENT, |e| {
-                find_in_children(l, e, |c| {
-                    let name = field_str(l, c, c"name")?;
-                    (attr_str(l, c, c"xmlns") == Some(NS_STANZAS) && name != "text")
-                        .then(|| name.to_owned())
-                })
+        let s = self.s;
+        s.with_child(self.idx, "error", NS_CLIENT, NS_CLIENT, |e| {
+            s.find_in_children(e, |c| {
+                let name = s.field_str(c, Key::Name)?;
+                (s.attr_str(c, Key::Xmlns) == Some(NS_STANZAS) && name != "text")
+                    .then(|| name.to_owned())
             })
-        }
+        })
     }
 
     fn history_request(&self) -> Option<HistoryRequest> {
-        let l = self.l;
-        unsafe {
-            with_child(l, self.idx, "x", NS_MUC, NS_CLIENT, |x| {
-                with_child(l, x, "history", NS_MUC, NS_MUC, |h| {
-                    let number = |key: &CStr| attr_str(l, h, key).and_then(|v| v.parse().ok());
-                    Some(HistoryRequest {
-                        maxchars: number(c"maxchars"),
-                        maxstanzas: number(c"maxstanzas"),
-                        seconds: number(c"seconds"),
-                        since: attr_str(l, h, c"since").and_then(|v| v.parse().ok()),
-                    })
+        let s = self.s;
+        s.with_child(self.idx, "x", NS_MUC, NS_CLIENT, |x| {
+            s.with_child(x, "history", NS_MUC, NS_MUC, |h| {
+                let number = |key: &str| s.attr_named(h, key).and_then(|v| v.parse().ok());
+                Some(HistoryRequest {
+                    maxchars: number("maxchars"),
+                    maxstanzas: number("maxstanzas"),
+                    seconds: number("seconds"),
+                    since: s.attr_named(h, "since").and_then(|v| v.parse().ok()),
                 })
             })
-        }
+        })
     }
 
     fn join_password(&self) -> Option<String> {
-        let l = self.l;
-        unsafe {
-            with_child(l, self.idx, "x", NS_MUC, NS_CLIENT, |x| {
-                with_child(l, x, "password", NS_MUC, NS_MUC, |p| {
-                    ffi::lua_rawgeti(l, p, 1);
-                    let text = str_at(l, -1).map(str::to_owned);
-                    ffi::lua_pop(l, 1);
-                    Some(text.unwrap_or_default())
-                })
+        let s = self.s;
+        s.with_child(self.idx, "x", NS_MUC, NS_CLIENT, |x| {
+            s.with_child(x, "password", NS_MUC, NS_MUC, |p| {
+                unsafe { ffi::lua_rawgeti(s.l, p, 1) };
+                let text = s.str_at(-1).map(str::to_owned);
+                s.pop(1);
+                Some(text.unwrap_or_default())
             })
-        }
+        })
     }
 
     fn xml(&self) -> Rc<str> {
-        let l = self.l;
-        let mut memo = self.memo.borrow_mut();
-        unsafe {
-            let table = ffi::lua_topointer(l, self.idx);
-            if let Some(m) = memo.as_ref()
-                && m.table == table
-            {
-                return m.xml.clone();
-            }
-            let mut out = String::with_capacity(256);
-            if write_xml(l, self.idx, NS_CLIENT, true, 0, &mut out).is_none() {
-                out.clear();
-            }
-            let xml: Rc<str> = out.into();
-            if let Some(old) = memo.take() {
-                ffi::luaL_unref(l, ffi::LUA_REGISTRYINDEX, old.reference);
-            }
-            ffi::lua_pushvalue(l, self.idx);
-            let reference = ffi::luaL_ref(l, ffi::LUA_REGISTRYINDEX);
-            *memo = Some(Memo {
-                table,
-                reference,
-                xml: xml.clone(),
-            });
-            xml
+        let table = unsafe { ffi::lua_topointer(self.s.l, self.idx) };
+        if let Some(m) = self.memo.borrow().as_ref()
+            && m.table == table
+        {
+            return m.xml.clone();
         }
+        if let Some(xml) = self.fresh.borrow().as_ref() {
+            return xml.clone();
+        }
+        let mut out = String::with_capacity(256);
+        if write_xml(self.s, self.idx, NS_CLIENT, true, 0, &mut out).is_none() {
+            out.clear();
+        }
+        let xml: Rc<str> = out.into();
+        *self.fresh.borrow_mut() = Some(xml.clone());
+        xml
     }
 }
 
@@ -352,20 +457,21 @@ fn escape_into(out: &mut String, text: &str, attr: bool) {
 }
 
 /// Serialize the stanza table at `t` as XML, leaving out the top element's `to`.
-unsafe fn write_xml(
-    l: *mut lua_State,
+fn write_xml(
+    s: Frame<'_>,
     t: c_int,
     parent_ns: &str,
     top: bool,
     depth: usize,
     out: &mut String,
 ) -> Option<()> {
+    let l = s.l;
     unsafe {
         if depth > MAX_DEPTH || ffi::lua_checkstack(l, 8) == 0 {
             return None;
         }
-        let name = field_str(l, t, c"name")?;
-        let own_ns = if top { None } else { attr_str(l, t, c"xmlns") };
+        let name = s.field_str(t, Key::Name)?;
+        let own_ns = if top { None } else { s.attr_str(t, Key::Xmlns) };
         let ns = own_ns.unwrap_or(parent_ns);
         out.push('<');
         out.push_str(name);
@@ -374,14 +480,14 @@ unsafe fn write_xml(
             escape_into(out, ns, true);
             out.push('\'');
         }
-        if ffi::lua_getfield(l, t, c"attr".as_ptr()) == ffi::LUA_TTABLE {
+        if s.raw_field(t, Key::Attr) == ffi::LUA_TTABLE {
             let attr = ffi::lua_gettop(l);
             let mut prefixes = 0;
             ffi::lua_pushnil(l);
             while ffi::lua_next(l, attr) != 0 {
                 // Only string keys and values: lua_tolstring on a number key would confuse
                 // lua_next.
-                if let (Some(key), Some(value)) = (str_at(l, -2), str_at(l, -1))
+                if let (Some(key), Some(value)) = (s.str_at(-2), s.str_at(-1))
                     && key != "xmlns"
                     && !(top && key == "to")
                 {
@@ -412,12 +518,12 @@ unsafe fn write_xml(
             let kind = ffi::lua_rawgeti(l, t, i as ffi::lua_Integer);
             let ok = match kind {
                 ffi::LUA_TSTRING => {
-                    if let Some(text) = str_at(l, -1) {
+                    if let Some(text) = s.str_at(-1) {
                         escape_into(out, text, false);
                     }
                     Some(())
                 }
-                ffi::LUA_TTABLE => write_xml(l, ffi::lua_gettop(l), ns, false, depth + 1, out),
+                ffi::LUA_TTABLE => write_xml(s, ffi::lua_gettop(l), ns, false, depth + 1, out),
                 _ => Some(()),
             };
             ffi::lua_pop(l, 1);
@@ -427,31 +533,6 @@ unsafe fn write_xml(
         out.push_str(name);
         out.push('>');
         Some(())
-    }
-}
-
-unsafe fn read_head<'a>(l: *mut lua_State, t: c_int) -> Option<Head<'a>> {
-    unsafe {
-        let kind = match field_str(l, t, c"name")? {
-            "message" => Kind::Message,
-            "presence" => Kind::Presence,
-            "iq" => Kind::Iq,
-            _ => return None,
-        };
-        if ffi::lua_getfield(l, t, c"attr".as_ptr()) != ffi::LUA_TTABLE {
-            ffi::lua_pop(l, 1);
-            return None;
-        }
-        let attr = ffi::lua_gettop(l);
-        let head = Head {
-            kind,
-            from: field_str(l, attr, c"from"),
-            to: field_str(l, attr, c"to"),
-            type_: field_str(l, attr, c"type"),
-            id: field_str(l, attr, c"id"),
-        };
-        ffi::lua_pop(l, 1);
-        Some(head)
     }
 }
 
@@ -467,7 +548,7 @@ unsafe fn push_str(l: *mut lua_State, s: &str) {
 /// Push `el` as a Prosody stanza table with `util.stanza`'s metatable.
 unsafe fn push_element(l: *mut lua_State, el: &Element, parent_ns: &str, top: bool, mt: c_int) {
     unsafe {
-        ffi::lua_checkstack(l, 8);
+        ffi::luaL_checkstack(l, 8, c"mod_minimix: a stanza".as_ptr());
         let nodes = el.nodes().count();
         ffi::lua_createtable(l, nodes as c_int, 3);
         let t = ffi::lua_gettop(l);
@@ -804,140 +885,216 @@ unsafe fn push_kept(l: *mut lua_State, xml: &str, edit: &Edit, mt: c_int) -> Opt
     }
 }
 
-/// Push `handled, user, actions, notes, recipients, flags` (nothing at all for a plain
-/// pass). `actions` is a flat list of quadruples `op, resource|false, stanza|false,
-/// id|false`: `stanza` false means the stanza that came in, `id` false means keep its id.
-/// A plain fork comes as `recipients` instead (and `actions` nil): the full JIDs to give
-/// the stanza that came in to. `flags`: 1 = store the account's memberships again,
-/// 2 = archive the stanza that came in for the account (before forking it), 4 = send the
-/// stanza that came in from the account (and `actions` is nil), 8 = `actions` is a plain
-/// list of stanzas (false: the one that came in), all for the session whose full JID
-/// `recipients` is.
-unsafe fn push_outcome(l: *mut lua_State, shared: &Shared, out: Outcome) -> Result<c_int, String> {
+/// What one event hands back to the shim, as one typed value made from the core's outcome
+/// by [`reply_of`] (a pure function) and turned into Lua values by [`push_reply`]. The
+/// shim receives `handled, user, actions, notes, recipients, flags` (nothing at all for
+/// [`Body::Pass`]) and decodes it in one place (`finish` in the shim), with the constants
+/// of `minimix.flags` and `minimix.ops`.
+#[derive(Debug)]
+pub(crate) struct Reply<'o> {
+    pub handled: bool,
+    pub user: Option<&'o str>,
+    pub notes: &'o [String],
+    /// [`FLAG_PERSIST`], [`FLAG_ARCHIVE`], and the body's own flag.
+    pub flags: ffi::lua_Integer,
+    pub body: Body<'o>,
+}
+
+#[derive(Debug)]
+pub(crate) enum Body<'o> {
+    /// A plain pass: nothing at all goes back.
+    Pass,
+    /// Send the stanza that came in from the account ([`FLAG_SEND_ORIGINAL`]; `actions`
+    /// and `recipients` nil).
+    SendOriginal,
+    /// The stanza that came in, to these sessions (`recipients`; `actions` nil).
+    Fork(Recipients),
+    /// A plain list of stanzas (`actions`; false: the one that came in), all for the
+    /// session whose full JID is `recipients` ([`FLAG_ONE_SESSION`]).
+    OneSession { full: String, stanzas: Vec<&'o Out> },
+    /// `actions`, a flat list of quadruples `op, resource|false, stanza|false, id|false`:
+    /// `stanza` false means the stanza that came in, `id` false keeps its id.
+    Actions(&'o [Action]),
+}
+
+#[derive(Debug, PartialEq)]
+pub(crate) enum Recipients {
+    /// The list kept for forks of the room to every session in it (a registry reference).
+    Kept(c_int),
+    /// The full JIDs, for a list made for this event.
+    Made(Vec<String>),
+}
+
+/// The reply for `out`. `kept_list(user, room, count)` is the registry reference of the
+/// list kept for forks of `user`'s `room` when it has exactly `count` sessions.
+pub(crate) fn reply_of<'o>(
+    out: &'o Outcome,
+    domain: &str,
+    kept_list: impl FnOnce(&str, &str, usize) -> Option<c_int>,
+) -> Reply<'o> {
+    let flags =
+        if out.persist { FLAG_PERSIST } else { 0 } | if out.archive { FLAG_ARCHIVE } else { 0 };
+    let reply = |flags, body| Reply {
+        handled: out.handled,
+        user: out.user.as_deref(),
+        notes: &out.notes,
+        flags,
+        body,
+    };
+    if !out.handled && out.notes.is_empty() && out.actions.is_empty() && !out.persist {
+        return reply(0, Body::Pass);
+    }
+    // What a joined session sends to its room: the stanza that came in, sent from the
+    // account as it is. Said with a flag, without an actions list.
+    if let [
+        Action::Send {
+            stanza: Out::Original { id: None },
+        },
+    ] = out.actions.as_slice()
+    {
+        return reply(flags | FLAG_SEND_ORIGINAL, Body::SendOriginal);
+    }
+    let full = |user: &str, resource: &str| format!("{user}@{domain}/{resource}");
+    // The common case, a fork: the stanza that came in, to these sessions. Their full
+    // JIDs go back as one list, so the shim's loop is as short as it can be.
+    let is_fork = |a: &Action| {
+        matches!(
+            a,
+            Action::Deliver {
+                stanza: Out::Original { id: None },
+                ..
+            }
+        )
+    };
+    if let Some(user) = &out.user
+        && !out.actions.is_empty()
+        && out.actions.iter().all(is_fork)
+    {
+        // A fork to every session in the room: the list kept for it. (When this event
+        // changed who takes part, the deliveries may be to those before the change.)
+        let kept = match &out.fork_of {
+            Some(room) if out.changed_rooms.is_empty() => kept_list(user, room, out.actions.len()),
+            _ => None,
+        };
+        // Otherwise (a fork that goes with a change of who takes part, or to some of
+        // them): a list made for this event.
+        let recipients = kept.map_or_else(
+            || {
+                Recipients::Made(
+                    out.actions
+                        .iter()
+                        .filter_map(|a| match a {
+                            Action::Deliver { resource, .. } => Some(full(user, resource)),
+                            Action::Send { .. } => None,
+                        })
+                        .collect(),
+                )
+            },
+            Recipients::Kept,
+        );
+        return reply(flags, Body::Fork(recipients));
+    }
+    // Everything to one session (a later join served locally, its leave): a plain list
+    // of stanzas and the session's full JID.
+    if let (
+        Some(user),
+        Some(Action::Deliver {
+            resource: first, ..
+        }),
+    ) = (&out.user, out.actions.first())
+        && out.actions.iter().all(|a| match a {
+            Action::Deliver { resource, stanza } => {
+                resource == first && !matches!(stanza, Out::Original { id: Some(_) })
+            }
+            Action::Send { .. } => false,
+        })
+    {
+        let stanzas = out
+            .actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Deliver { stanza, .. } => Some(stanza),
+                Action::Send { .. } => None,
+            })
+            .collect();
+        return reply(
+            flags | FLAG_ONE_SESSION,
+            Body::OneSession {
+                full: full(user, first),
+                stanzas,
+            },
+        );
+    }
+    reply(flags, Body::Actions(&out.actions))
+}
+
+/// Push `reply` as the shim receives it; returns how many values. Runs only inside the
+/// protected call of an event ([`encode`]): it allocates, and so may raise.
+unsafe fn push_reply(l: *mut lua_State, shared: &Shared, reply: &Reply) -> c_int {
     unsafe {
-        if !out.handled && out.notes.is_empty() && out.actions.is_empty() && !out.persist {
-            return Ok(0);
+        if matches!(reply.body, Body::Pass) {
+            return 0;
         }
-        let flags =
-            if out.persist { FLAG_PERSIST } else { 0 } | if out.archive { FLAG_ARCHIVE } else { 0 };
-        ffi::lua_checkstack(l, 8);
-        ffi::lua_pushboolean(l, c_int::from(out.handled));
-        match &out.user {
+        ffi::lua_pushboolean(l, c_int::from(reply.handled));
+        match reply.user {
             Some(u) => push_str(l, u),
             None => ffi::lua_pushnil(l),
         }
-        // What a joined session sends to its room: the stanza that came in, sent from the
-        // account as it is. Said with a flag, without an actions list.
-        if let [
-            Action::Send {
-                stanza: Out::Original { id: None },
-            },
-        ] = out.actions.as_slice()
-        {
-            ffi::lua_pushnil(l);
-            push_notes(l, &out.notes);
-            ffi::lua_pushnil(l);
-            ffi::lua_pushinteger(l, flags | FLAG_SEND_ORIGINAL);
-            return Ok(6);
-        }
-        // The common case, a fork: the stanza that came in, to these sessions. Their full
-        // JIDs go back as one list, so the shim's loop is as short as it can be.
-        let is_fork = |a: &Action| {
-            matches!(
-                a,
-                Action::Deliver {
-                    stanza: Out::Original { id: None },
-                    ..
-                }
-            )
-        };
-        if let Some(user) = &out.user
-            && !out.actions.is_empty()
-            && out.actions.iter().all(is_fork)
-        {
-            ffi::lua_pushnil(l);
-            push_notes(l, &out.notes);
-            // A fork to every session in the room: the list kept for it. (When this event
-            // changed who takes part, the deliveries may be to those before the change.)
-            let kept_list = match &out.fork_of {
-                Some(room) if out.changed_rooms.is_empty() => {
-                    fork_list(shared, user, room, out.actions.len())
-                }
-                _ => None,
-            };
-            if let Some(list) = kept_list {
-                ffi::lua_rawgeti(l, ffi::LUA_REGISTRYINDEX, list as ffi::lua_Integer);
-                ffi::lua_pushinteger(l, flags);
-                return Ok(6);
-            }
-            // Otherwise (a fork that goes with a change of who takes part, or to some of
-            // them): a list made for this event.
-            ffi::lua_createtable(l, out.actions.len() as c_int, 0);
-            for (k, action) in out.actions.iter().enumerate() {
-                if let Action::Deliver { resource, .. } = action {
-                    push_str(l, &format!("{user}@{}/{resource}", shared.domain));
-                    ffi::lua_rawseti(l, -2, k as ffi::lua_Integer + 1);
-                }
-            }
-            ffi::lua_pushinteger(l, flags);
-            return Ok(6);
-        }
-        // Everything to one session (a later join served locally, its leave): a plain list
-        // of stanzas and the session's full JID.
-        if let (
-            Some(user),
-            Some(Action::Deliver {
-                resource: first, ..
-            }),
-        ) = (&out.user, out.actions.first())
-            && out.actions.iter().all(|a| match a {
-                Action::Deliver { resource, stanza } => {
-                    resource == first && !matches!(stanza, Out::Original { id: Some(_) })
-                }
-                Action::Send { .. } => false,
-            })
-        {
-            ffi::lua_createtable(l, out.actions.len() as c_int, 0);
-            let list = ffi::lua_gettop(l);
-            let mut k = 0;
-            let mut skipped = 0;
-            for action in &out.actions {
-                let Action::Deliver { stanza, .. } = action else {
-                    continue;
-                };
-                let pushed = match stanza {
-                    Out::Original { .. } => {
-                        ffi::lua_pushboolean(l, 0);
-                        true
-                    }
-                    Out::New(el) => {
-                        push_element(l, el, NS_CLIENT, true, shared.stanza_mt);
-                        true
-                    }
-                    Out::Kept { xml, edit } => push_kept(l, xml, edit, shared.stanza_mt).is_some(),
-                };
-                if pushed {
-                    k += 1;
-                    ffi::lua_rawseti(l, list, k);
-                } else {
-                    skipped += 1;
-                }
-            }
-            let mut notes = out.notes;
-            if skipped > 0 {
-                notes.push(format!(
-                    "{skipped} kept stanza(s) did not parse and were not sent"
-                ));
-            }
-            push_notes(l, &notes);
-            push_str(l, &format!("{user}@{}/{first}", shared.domain));
-            ffi::lua_pushinteger(l, flags | FLAG_ONE_SESSION);
-            return Ok(6);
-        }
-        ffi::lua_createtable(l, (out.actions.len() * 4) as c_int, 0);
-        let actions = ffi::lua_gettop(l);
         let mut skipped = 0;
-        for (k, action) in out.actions.iter().enumerate() {
+        match &reply.body {
+            Body::Pass | Body::SendOriginal | Body::Fork(_) => ffi::lua_pushnil(l),
+            Body::OneSession { stanzas, .. } => {
+                ffi::lua_createtable(l, stanzas.len() as c_int, 0);
+                let list = ffi::lua_gettop(l);
+                let mut k = 0;
+                for stanza in stanzas {
+                    let pushed = match stanza {
+                        Out::Original { .. } => {
+                            ffi::lua_pushboolean(l, 0);
+                            true
+                        }
+                        Out::New(el) => {
+                            push_element(l, el, NS_CLIENT, true, shared.stanza_mt);
+                            true
+                        }
+                        Out::Kept { xml, edit } => {
+                            push_kept(l, xml, edit, shared.stanza_mt).is_some()
+                        }
+                    };
+                    if pushed {
+                        k += 1;
+                        ffi::lua_rawseti(l, list, k);
+                    } else {
+                        skipped += 1;
+                    }
+                }
+            }
+            Body::Actions(actions) => {
+                skipped = push_actions(l, shared, actions);
+            }
+        }
+        push_notes(l, reply.notes, skipped);
+        match &reply.body {
+            Body::Fork(Recipients::Kept(list)) => {
+                ffi::lua_rawgeti(l, ffi::LUA_REGISTRYINDEX, *list as ffi::lua_Integer);
+            }
+            Body::Fork(Recipients::Made(fulls)) => push_list(l, fulls),
+            Body::OneSession { full, .. } => push_str(l, full),
+            _ => ffi::lua_pushnil(l),
+        }
+        ffi::lua_pushinteger(l, reply.flags);
+        6
+    }
+}
+
+/// Push the actions list (see [`Body::Actions`]); returns how many kept stanzas did not
+/// parse (each left out, with op 0, which does nothing).
+unsafe fn push_actions(l: *mut lua_State, shared: &Shared, actions: &[Action]) -> usize {
+    unsafe {
+        ffi::lua_createtable(l, (actions.len() * 4) as c_int, 0);
+        let list = ffi::lua_gettop(l);
+        let mut skipped = 0;
+        for (k, action) in actions.iter().enumerate() {
             // This action's four slots: op, resource, stanza, id.
             let op_slot = k as ffi::lua_Integer * 4 + 1;
             let (op, resource, stanza) = match action {
@@ -945,12 +1102,12 @@ unsafe fn push_outcome(l: *mut lua_State, shared: &Shared, out: Outcome) -> Resu
                 Action::Send { stanza } => (OP_SEND, None, stanza),
             };
             ffi::lua_pushinteger(l, op);
-            ffi::lua_rawseti(l, actions, op_slot);
+            ffi::lua_rawseti(l, list, op_slot);
             match resource {
                 Some(r) => push_str(l, r),
                 None => ffi::lua_pushboolean(l, 0),
             }
-            ffi::lua_rawseti(l, actions, op_slot + 1);
+            ffi::lua_rawseti(l, list, op_slot + 1);
             match stanza {
                 Out::Original { .. } => ffi::lua_pushboolean(l, 0),
                 Out::New(el) => push_element(l, el, NS_CLIENT, true, shared.stanza_mt),
@@ -959,42 +1116,46 @@ unsafe fn push_outcome(l: *mut lua_State, shared: &Shared, out: Outcome) -> Resu
                         // Cannot happen for what the core keeps; if it does, this one
                         // stanza is skipped (op 0 does nothing), not the whole event.
                         ffi::lua_pushinteger(l, 0);
-                        ffi::lua_rawseti(l, actions, op_slot);
+                        ffi::lua_rawseti(l, list, op_slot);
                         ffi::lua_pushboolean(l, 0);
                         skipped += 1;
                     }
                 }
             }
-            ffi::lua_rawseti(l, actions, op_slot + 2);
+            ffi::lua_rawseti(l, list, op_slot + 2);
             match stanza {
                 Out::Original { id: Some(id) } => push_str(l, id),
                 _ => ffi::lua_pushboolean(l, 0),
             }
-            ffi::lua_rawseti(l, actions, op_slot + 3);
+            ffi::lua_rawseti(l, list, op_slot + 3);
         }
-        let mut notes = out.notes;
-        if skipped > 0 {
-            notes.push(format!(
-                "{skipped} kept stanza(s) did not parse and were not sent"
-            ));
-        }
-        push_notes(l, &notes);
-        ffi::lua_pushnil(l);
-        ffi::lua_pushinteger(l, flags);
-        Ok(6)
+        skipped
     }
 }
 
-unsafe fn push_notes(l: *mut lua_State, notes: &[String]) {
+/// Push a Lua list of strings.
+unsafe fn push_list(l: *mut lua_State, items: &[String]) {
     unsafe {
-        if notes.is_empty() {
+        ffi::lua_createtable(l, items.len() as c_int, 0);
+        for (k, item) in items.iter().enumerate() {
+            push_str(l, item);
+            ffi::lua_rawseti(l, -2, k as ffi::lua_Integer + 1);
+        }
+    }
+}
+
+/// Push the notes (nil when there are none), with one more when kept stanzas were skipped.
+unsafe fn push_notes(l: *mut lua_State, notes: &[String], skipped: usize) {
+    unsafe {
+        if notes.is_empty() && skipped == 0 {
             ffi::lua_pushnil(l);
-        } else {
-            ffi::lua_createtable(l, notes.len() as c_int, 0);
-            for (k, note) in notes.iter().enumerate() {
-                push_str(l, note);
-                ffi::lua_rawseti(l, -2, k as ffi::lua_Integer + 1);
-            }
+            return;
+        }
+        push_list(l, notes);
+        if skipped > 0 {
+            let line = format!("{skipped} kept stanza(s) did not parse and were not sent");
+            push_str(l, &line);
+            ffi::lua_rawseti(l, -2, notes.len() as ffi::lua_Integer + 1);
         }
     }
 }
@@ -1003,7 +1164,7 @@ unsafe fn push_notes(l: *mut lua_State, notes: &[String]) {
 // The session index.
 
 /// Set (`on`) or clear `index[full][room]` in the index table at `index`; a session left
-/// with no room is dropped from the index.
+/// with no room is dropped from the index. Allocates: protected call only.
 unsafe fn index_set(l: *mut lua_State, index: c_int, full: &str, room: &str, on: bool) {
     unsafe {
         push_str(l, full);
@@ -1040,65 +1201,146 @@ unsafe fn index_set(l: *mut lua_State, index: c_int, full: &str, room: &str, on:
     }
 }
 
-/// Bring the index up to date for `user`'s `rooms`, whose participants may have changed.
-unsafe fn update_index(
-    l: *mut lua_State,
-    shared: &Shared,
-    host: &Host,
-    user: &str,
-    rooms: &[String],
-) {
+/// One room's change of the index, prepared (as plain data) while the state is borrowed,
+/// applied by the protected call, and committed to [`Shared::indexed`] after it succeeded.
+#[derive(Debug)]
+struct IndexChange {
+    user: String,
+    room: String,
+    /// Full JIDs to take out of the room, and to put in it.
+    clear: Vec<String>,
+    set: Vec<String>,
+    /// The sessions taking part now, and their full JIDs (the fork list; none if empty).
+    now: Vec<Rc<str>>,
+    now_full: Vec<String>,
+    /// The fork list the protected call made (a registry reference), else `LUA_NOREF`.
+    list: c_int,
+}
+
+/// What the index must change after `out`: the rooms it says changed, and those an
+/// earlier event failed to bring up to date.
+fn plan_index(shared: &Shared, host: &Host, out: &Outcome) -> Vec<IndexChange> {
+    let mut rooms: Vec<(String, String)> = std::mem::take(&mut *shared.resync.borrow_mut());
+    if let Some(user) = &out.user {
+        for room in &out.changed_rooms {
+            if !rooms.iter().any(|(u, r)| u == user && r == room) {
+                rooms.push((user.clone(), room.clone()));
+            }
+        }
+    }
+    let indexed = shared.indexed.borrow();
+    let full = |user: &str, r: &str| format!("{user}@{}/{r}", shared.domain);
+    let mut changes = Vec::with_capacity(rooms.len());
+    for (user, room) in rooms {
+        let now = host.participants_of(&user, &room);
+        let before = indexed.get(&user).and_then(|m| m.get(&room));
+        let (before_sessions, synced) =
+            before.map_or((&[][..], true), |b| (&b.sessions[..], b.synced));
+        if synced && before_sessions == now.as_slice() {
+            continue;
+        }
+        let clear = before_sessions
+            .iter()
+            .filter(|r| !now.contains(r))
+            .map(|r| full(&user, r))
+            .collect();
+        // After a failed update the index may miss any of them: all are set again.
+        let set = now
+            .iter()
+            .filter(|r| !synced || !before_sessions.contains(r))
+            .map(|r| full(&user, r))
+            .collect();
+        let now_full = now.iter().map(|r| full(&user, r)).collect();
+        changes.push(IndexChange {
+            user,
+            room,
+            clear,
+            set,
+            now,
+            now_full,
+            list: ffi::LUA_NOREF,
+        });
+    }
+    changes
+}
+
+/// Apply `changes` to the index and make their fork lists. Protected call only.
+unsafe fn apply_index(l: *mut lua_State, shared: &Shared, changes: &mut [IndexChange]) {
     unsafe {
-        ffi::lua_checkstack(l, 8);
+        ffi::luaL_checkstack(l, 8, c"mod_minimix: the session index".as_ptr());
         ffi::lua_rawgeti(
             l,
             ffi::LUA_REGISTRYINDEX,
             shared.session_rooms as ffi::lua_Integer,
         );
         let index = ffi::lua_gettop(l);
-        let mut indexed = shared.indexed.borrow_mut();
-        let full = |r: &str| format!("{user}@{}/{r}", shared.domain);
-        for room in rooms {
-            let now = host.participants_of(user, room);
-            let before = indexed.get_mut(user).and_then(|m| m.remove(room));
-            let before_sessions = before.as_ref().map_or(&[][..], |b| &b.sessions[..]);
-            if before_sessions == now.as_slice() {
-                if let Some(b) = before {
-                    indexed
-                        .entry(user.to_owned())
-                        .or_default()
-                        .insert(room.clone(), b);
-                }
-                continue;
+        for change in changes.iter_mut() {
+            for full in &change.clear {
+                index_set(l, index, full, &change.room, false);
             }
-            for r in before_sessions.iter().filter(|r| !now.contains(r)) {
-                index_set(l, index, &full(r), room, false);
+            for full in &change.set {
+                index_set(l, index, full, &change.room, true);
             }
-            for r in now.iter().filter(|r| !before_sessions.contains(r)) {
-                index_set(l, index, &full(r), room, true);
-            }
-            if let Some(b) = before {
-                ffi::luaL_unref(l, ffi::LUA_REGISTRYINDEX, b.list);
-            }
-            if !now.is_empty() {
-                ffi::lua_createtable(l, now.len() as c_int, 0);
-                for (k, r) in now.iter().enumerate() {
-                    push_str(l, &full(r));
-                    ffi::lua_rawseti(l, -2, k as ffi::lua_Integer + 1);
-                }
-                let list = ffi::luaL_ref(l, ffi::LUA_REGISTRYINDEX);
-                indexed.entry(user.to_owned()).or_default().insert(
-                    room.clone(),
-                    IndexedRoom {
-                        sessions: now,
-                        list,
-                    },
-                );
-            } else if indexed.get(user).is_some_and(HashMap::is_empty) {
-                indexed.remove(user);
+            if !change.now_full.is_empty() {
+                push_list(l, &change.now_full);
+                change.list = ffi::luaL_ref(l, ffi::LUA_REGISTRYINDEX);
             }
         }
         ffi::lua_settop(l, index - 1);
+    }
+}
+
+/// After the protected call: on success the mirror takes the new state (and the old
+/// lists are freed); on failure the lists made are freed, and the rooms are marked as
+/// not known to be in sync (with every session the index may have in them) and brought
+/// up to date by the next event.
+fn commit_index(l: *mut lua_State, shared: &Shared, changes: Vec<IndexChange>, ok: bool) {
+    let mut indexed = shared.indexed.borrow_mut();
+    let mut resync = shared.resync.borrow_mut();
+    for change in changes {
+        let rooms = indexed.entry(change.user.clone()).or_default();
+        let before = rooms.remove(&change.room);
+        let next = if ok {
+            if let Some(b) = before {
+                unref(l, b.list);
+            }
+            (!change.now.is_empty()).then_some(IndexedRoom {
+                sessions: change.now,
+                list: change.list,
+                synced: true,
+            })
+        } else {
+            unref(l, change.list);
+            let (mut sessions, list) =
+                before.map_or((Vec::new(), ffi::LUA_NOREF), |b| (b.sessions, b.list));
+            for r in change.now {
+                if !sessions.contains(&r) {
+                    sessions.push(r);
+                }
+            }
+            resync.push((change.user.clone(), change.room.clone()));
+            Some(IndexedRoom {
+                sessions,
+                list,
+                synced: false,
+            })
+        };
+        match next {
+            Some(entry) => {
+                rooms.insert(change.room, entry);
+            }
+            None if rooms.is_empty() => {
+                indexed.remove(&change.user);
+            }
+            None => {}
+        }
+    }
+}
+
+/// Free a registry reference (`LUA_NOREF` is none). `luaL_unref` allocates nothing.
+fn unref(l: *mut lua_State, reference: c_int) {
+    if reference != ffi::LUA_NOREF {
+        unsafe { ffi::luaL_unref(l, ffi::LUA_REGISTRYINDEX, reference) };
     }
 }
 
@@ -1106,18 +1348,120 @@ unsafe fn update_index(
 fn fork_list(shared: &Shared, user: &str, room: &str, count: usize) -> Option<c_int> {
     let indexed = shared.indexed.borrow();
     let entry = indexed.get(user)?.get(room)?;
-    (entry.sessions.len() == count).then_some(entry.list)
+    (entry.synced && entry.sessions.len() == count).then_some(entry.list)
+}
+
+// ---------------------------------------------------------------------------------------
+// The protected call that makes an event's Lua values.
+
+/// Everything the protected call works from, prepared while the state was borrowed, and
+/// the references it makes.
+struct Encode<'e> {
+    shared: &'e Shared,
+    reply: &'e Reply<'e>,
+    changes: &'e mut [IndexChange],
+    /// Keep a reference to the stanza (argument 2) for the memo.
+    memo: bool,
+    memo_ref: c_int,
+}
+
+unsafe extern "C-unwind" fn encode_protected(l: *mut lua_State) -> c_int {
+    unsafe {
+        // SAFETY: `encode` passes a pointer to its own `Encode`, alive during this call.
+        let enc = &mut *ffi::lua_touserdata(l, 1).cast::<Encode>();
+        ffi::luaL_checkstack(l, 16, c"mod_minimix: the reply".as_ptr());
+        if enc.memo {
+            ffi::lua_pushvalue(l, 2);
+            enc.memo_ref = ffi::luaL_ref(l, ffi::LUA_REGISTRYINDEX);
+        }
+        apply_index(l, enc.shared, enc.changes);
+        push_reply(l, enc.shared, enc.reply)
+    }
+}
+
+/// A Lua allocator that refuses to grow anything (frees and shrinks go to the real one):
+/// the `memory` test fault, for the protected call of one event.
+unsafe extern "C" fn refusing_alloc(
+    ud: *mut c_void,
+    ptr: *mut c_void,
+    osize: usize,
+    nsize: usize,
+) -> *mut c_void {
+    unsafe {
+        let (real, real_ud) = *ud.cast::<(ffi::lua_Alloc, *mut c_void)>();
+        if nsize == 0 || (!ptr.is_null() && nsize <= osize) {
+            real(real_ud, ptr, osize, nsize)
+        } else {
+            std::ptr::null_mut()
+        }
+    }
+}
+
+/// Make the event's Lua values (and apply its index change) in one protected call; the
+/// values are left on the stack and their count returned. `stanza`: the stanza's index,
+/// when the memo should keep it (its text is `fresh`). `refuse_memory`: the test fault.
+fn encode(
+    s: Frame<'_>,
+    shared: &Shared,
+    reply: &Reply,
+    mut changes: Vec<IndexChange>,
+    fresh: Option<(c_int, Rc<str>)>,
+    refuse_memory: bool,
+) -> Result<c_int, String> {
+    let l = s.l;
+    let mut enc = Encode {
+        shared,
+        reply,
+        changes: &mut changes,
+        memo: fresh.is_some(),
+        memo_ref: ffi::LUA_NOREF,
+    };
+    let (status, base) = unsafe {
+        let base = ffi::lua_gettop(l);
+        ffi::lua_pushcfunction(l, encode_protected);
+        ffi::lua_pushlightuserdata(l, (&raw mut enc).cast());
+        match &fresh {
+            Some((idx, _)) => ffi::lua_pushvalue(l, *idx),
+            None => ffi::lua_pushnil(l),
+        }
+        let status = if refuse_memory {
+            let mut real_ud = std::ptr::null_mut();
+            let real = ffi::lua_getallocf(l, &mut real_ud);
+            let mut saved = (real, real_ud);
+            ffi::lua_setallocf(l, refusing_alloc, (&raw mut saved).cast());
+            let status = ffi::lua_pcall(l, 2, ffi::LUA_MULTRET, 0);
+            ffi::lua_setallocf(l, real, real_ud);
+            status
+        } else {
+            ffi::lua_pcall(l, 2, ffi::LUA_MULTRET, 0)
+        };
+        (status, base)
+    };
+    let memo_ref = enc.memo_ref;
+    let ok = status == ffi::LUA_OK;
+    commit_index(l, shared, changes, ok);
+    if !ok {
+        let message = s.str_at(-1).unwrap_or("a Lua error").to_owned();
+        unsafe { ffi::lua_settop(l, base) };
+        unref(l, memo_ref);
+        return Err(format!("mod_minimix could not make its reply: {message}"));
+    }
+    if let Some((idx, xml)) = fresh {
+        let table = unsafe { ffi::lua_topointer(l, idx) };
+        let old = shared.memo.borrow_mut().replace(Memo {
+            table,
+            reference: memo_ref,
+            xml,
+        });
+        if let Some(old) = old {
+            unref(l, old.reference);
+        }
+    }
+    Ok(unsafe { ffi::lua_gettop(l) } - base)
 }
 
 // ---------------------------------------------------------------------------------------
 // The entry points.
-
-unsafe fn shared_of<'a>(l: *mut lua_State) -> &'a Shared {
-    unsafe {
-        let boxed = ffi::lua_touserdata(l, ffi::lua_upvalueindex(1)).cast::<*const Shared>();
-        &**boxed
-    }
-}
 
 fn panic_text(panic: Box<dyn std::any::Any + Send>) -> String {
     let msg = panic
@@ -1128,70 +1472,104 @@ fn panic_text(panic: Box<dyn std::any::Any + Send>) -> String {
     format!("mod_minimix core panicked: {msg}")
 }
 
-/// Runs `f` with panics caught; on failure pushes `nil, message` for the shim to log.
-unsafe fn guarded(l: *mut lua_State, f: impl FnOnce(&Shared) -> Result<c_int, String>) -> c_int {
+/// Runs `f` with the call's frame and the host's shared state (the closure's first
+/// upvalue), panics caught; on failure pushes `nil, message` for the shim to log.
+unsafe fn guarded(
+    l: *mut lua_State,
+    f: impl for<'f> FnOnce(Frame<'f>, &'f Shared) -> Result<c_int, String>,
+) -> c_int {
+    let result = catch_unwind(AssertUnwindSafe(|| unsafe {
+        Frame::enter(l, |s| {
+            // SAFETY: the first upvalue of every entry point is the userdata made by
+            // `push_closure`, which holds an `Rc<Shared>` until it is collected, and it
+            // cannot be while this closure runs.
+            let boxed = ffi::lua_touserdata(l, ffi::lua_upvalueindex(1)).cast::<*const Shared>();
+            f(s, &**boxed)
+        })
+    }));
+    let message = match result {
+        Ok(Some(Ok(n))) => return n,
+        Ok(Some(Err(message))) => message,
+        Ok(None) => "mod_minimix: no Lua stack space left".to_owned(),
+        Err(panic) => panic_text(panic),
+    };
+    // LUA_MINSTACK slots are always there for a C function: room for these two.
     unsafe {
-        let shared = shared_of(l);
-        let message = match catch_unwind(AssertUnwindSafe(|| f(shared))) {
-            Ok(Ok(n)) => return n,
-            Ok(Err(message)) => message,
-            Err(panic) => panic_text(panic),
-        };
         ffi::lua_pushnil(l);
-        push_str(l, &message);
-        2
+        push_str_unprotected(l, &message);
     }
+    2
 }
 
-/// Runs `f` on the host's core and pushes its outcome.
-unsafe fn with_host(
-    l: *mut lua_State,
+/// `push_str` outside a protected call: the one place a failure message is pushed. A
+/// memory error here would raise through `guarded` alone, which holds nothing.
+unsafe fn push_str_unprotected(l: *mut lua_State, s: &str) {
+    unsafe { push_str(l, s) }
+}
+
+/// Runs `f` on the host's core (phase 1, state borrowed), then makes its reply (phase 2,
+/// one protected call, nothing borrowed).
+fn with_host(
+    s: Frame<'_>,
     shared: &Shared,
+    fresh: Option<(c_int, &RefCell<Option<Rc<str>>>)>,
+    refuse_memory: bool,
     f: impl FnOnce(&mut Host) -> Result<Outcome, String>,
 ) -> Result<c_int, String> {
-    let out = {
+    let (out, changes) = {
         let mut host = shared
             .host
             .try_borrow_mut()
             .map_err(|_| "mod_minimix core re-entered".to_owned())?;
         let out = f(&mut host)?;
-        if let (Some(user), false) = (&out.user, out.changed_rooms.is_empty()) {
-            unsafe { update_index(l, shared, &host, user, &out.changed_rooms) };
-        }
-        out
+        let changes = plan_index(shared, &host, &out);
+        (out, changes)
     };
-    unsafe { push_outcome(l, shared, out) }
+    let reply = reply_of(&out, &shared.domain, |user, room, count| {
+        fork_list(shared, user, room, count)
+    });
+    let fresh = fresh.and_then(|(idx, text)| Some((idx, text.borrow_mut().take()?)));
+    encode(s, shared, &reply, changes, fresh, refuse_memory)
 }
 
 /// Runs one stanza event on the stanza table at `stanza`.
-unsafe fn run_event(
-    l: *mut lua_State,
+fn run_event<'f>(
+    s: Frame<'f>,
+    shared: &Shared,
     stanza: c_int,
-    f: impl FnOnce(&mut Host, &Head, &RawStanza) -> Outcome,
-) -> c_int {
-    unsafe {
-        guarded(l, |shared| {
-            if ffi::lua_type(l, stanza) != ffi::LUA_TTABLE {
-                return Ok(0);
-            }
-            let Some(head) = read_head(l, stanza) else {
-                return Ok(0);
-            };
-            let payload = RawStanza {
-                l,
-                idx: stanza,
-                memo: &shared.memo,
-            };
-            with_host(l, shared, |host| Ok(f(host, &head, &payload)))
-        })
+    f: impl FnOnce(&mut Host, &Head<'f>, &RawStanza<'_, 'f>) -> Outcome,
+) -> Result<c_int, String> {
+    if unsafe { ffi::lua_type(s.l, stanza) } != ffi::LUA_TTABLE {
+        return Ok(0);
     }
+    let Some(head) = s.read_head(stanza) else {
+        return Ok(0);
+    };
+    let payload = RawStanza {
+        s,
+        idx: stanza,
+        memo: &shared.memo,
+        fresh: RefCell::new(None),
+    };
+    let refuse_memory = shared.test_faults
+        && payload
+            .child_attr("fault", NS_TEST_FAULT, "kind")
+            .as_deref()
+            == Some("memory");
+    with_host(
+        s,
+        shared,
+        Some((stanza, &payload.fresh)),
+        refuse_memory,
+        |host| Ok(f(host, &head, &payload)),
+    )
 }
 
 /// The time given at `idx` (tests and benchmarks), else the clock, in Unix seconds.
-unsafe fn now_at(l: *mut lua_State, idx: c_int) -> i64 {
+fn now_at(s: Frame<'_>, idx: c_int) -> i64 {
     unsafe {
-        if ffi::lua_isinteger(l, idx) != 0 {
-            return ffi::lua_tointegerx(l, idx, std::ptr::null_mut());
+        if ffi::lua_isinteger(s.l, idx) != 0 {
+            return ffi::lua_tointegerx(s.l, idx, std::ptr::null_mut());
         }
     }
     std::time::SystemTime::now()
@@ -1202,9 +1580,11 @@ unsafe fn now_at(l: *mut lua_State, idx: c_int) -> i64 {
 /// `room_event(stanza[, now])`: something arrived for an account's bare JID.
 unsafe extern "C-unwind" fn room_event(l: *mut lua_State) -> c_int {
     unsafe {
-        let now = now_at(l, 2);
-        run_event(l, 1, |host, head, payload| {
-            host.room_event(head, payload, now)
+        guarded(l, |s, shared| {
+            let now = now_at(s, 2);
+            run_event(s, shared, 1, |host, head, payload| {
+                host.room_event(head, payload, now)
+            })
         })
     }
 }
@@ -1212,12 +1592,14 @@ unsafe extern "C-unwind" fn room_event(l: *mut lua_State) -> c_int {
 /// `session_event(user, resource, stanza[, now])`: a session of this host sent a stanza.
 unsafe extern "C-unwind" fn session_event(l: *mut lua_State) -> c_int {
     unsafe {
-        let (Some(user), Some(resource)) = (str_at(l, 1), str_at(l, 2)) else {
-            return 0;
-        };
-        let now = now_at(l, 4);
-        run_event(l, 3, |host, head, payload| {
-            host.session_event(user, resource, head, payload, now)
+        guarded(l, |s, shared| {
+            let (Some(user), Some(resource)) = (s.str_at(1), s.str_at(2)) else {
+                return Ok(0);
+            };
+            let now = now_at(s, 4);
+            run_event(s, shared, 3, |host, head, payload| {
+                host.session_event(user, resource, head, payload, now)
+            })
         })
     }
 }
@@ -1230,26 +1612,24 @@ unsafe extern "C-unwind" fn session_event(l: *mut lua_State) -> c_int {
 ///   "service", domain, is_muc          — whether a service is a MUC (learned by the shim)
 unsafe extern "C-unwind" fn control(l: *mut lua_State) -> c_int {
     unsafe {
-        guarded(l, |shared| {
-            let (Some(op), Some(user)) = (str_at(l, 1), str_at(l, 2)) else {
+        guarded(l, |s, shared| {
+            let (Some(op), Some(user)) = (s.str_at(1), s.str_at(2)) else {
                 return Err("control: needs an operation and an account".to_owned());
             };
-            let arg = |i| str_at(l, i);
-            with_host(l, shared, |host| {
+            let arg = |i| s.str_at(i);
+            let flag = |i| ffi::lua_toboolean(l, i) != 0;
+            with_host(s, shared, None, false, |host| {
                 Ok(match (op, arg(3)) {
                     ("ended", Some(resource)) => host.session_ended(user, resource),
                     ("restore", Some(room)) => {
                         host.restore(user, room, arg(4).unwrap_or(user), arg(5))
                     }
-                    ("bookmark", Some(room)) => {
-                        let autojoin = ffi::lua_toboolean(l, 6) != 0;
-                        host.bookmark(user, room, arg(4), arg(5), autojoin)
-                    }
+                    ("bookmark", Some(room)) => host.bookmark(user, room, arg(4), arg(5), flag(6)),
                     ("leave", Some(room)) => {
                         host.leave(user, room, arg(4).unwrap_or("asked by an admin"))
                     }
                     ("service", _) => {
-                        host.learn_service(user, ffi::lua_toboolean(l, 3) != 0);
+                        host.learn_service(user, flag(3));
                         Outcome::default()
                     }
                     _ => return Err(format!("control: unknown operation {op}")),
@@ -1259,41 +1639,61 @@ unsafe extern "C-unwind" fn control(l: *mut lua_State) -> c_int {
     }
 }
 
-unsafe extern "C-unwind" fn gc_shared(l: *mut lua_State) -> c_int {
-    unsafe {
-        let boxed = ffi::lua_touserdata(l, 1).cast::<*const Shared>();
-        if !boxed.is_null() && !(*boxed).is_null() {
-            let shared = Rc::from_raw(*boxed);
-            *boxed = std::ptr::null();
-            if Rc::strong_count(&shared) == 1 {
-                ffi::luaL_unref(l, ffi::LUA_REGISTRYINDEX, shared.stanza_mt);
-                ffi::luaL_unref(l, ffi::LUA_REGISTRYINDEX, shared.session_rooms);
-                for (_, rooms) in shared.indexed.borrow_mut().drain() {
-                    for (_, room) in rooms {
-                        ffi::luaL_unref(l, ffi::LUA_REGISTRYINDEX, room.list);
-                    }
-                }
-                if let Some(m) = shared.memo.borrow_mut().take() {
-                    ffi::luaL_unref(l, ffi::LUA_REGISTRYINDEX, m.reference);
-                }
+/// Free every registry reference the host's state holds. `luaL_unref` allocates nothing.
+fn release_references(l: *mut lua_State, shared: &Shared) {
+    unref(l, shared.stanza_mt);
+    unref(l, shared.session_rooms);
+    if let Ok(mut indexed) = shared.indexed.try_borrow_mut() {
+        for (_, rooms) in indexed.drain() {
+            for (_, room) in rooms {
+                unref(l, room.list);
             }
         }
-        0
+    }
+    if let Ok(mut memo) = shared.memo.try_borrow_mut()
+        && let Some(m) = memo.take()
+    {
+        unref(l, m.reference);
     }
 }
 
-/// Push a C closure over `shared`.
+/// `__gc` of the userdata each entry point holds its `Rc<Shared>` in. The last entry
+/// point collected frees the registry references (the admin methods' handle, which may
+/// outlive them, needs none).
+unsafe extern "C-unwind" fn gc_shared(l: *mut lua_State) -> c_int {
+    let _ = catch_unwind(AssertUnwindSafe(|| unsafe {
+        let boxed = ffi::lua_touserdata(l, 1).cast::<*const Shared>();
+        if boxed.is_null() || (*boxed).is_null() {
+            return;
+        }
+        let shared = Rc::from_raw(*boxed);
+        *boxed = std::ptr::null();
+        let left = shared.closures.get().saturating_sub(1);
+        shared.closures.set(left);
+        if left == 0 {
+            release_references(l, &shared);
+        }
+    }));
+    0
+}
+
+/// Push a C closure over `shared`, with the key strings as upvalues 2, 3, … (see
+/// [`KEYS`]).
 unsafe fn push_closure(l: *mut lua_State, shared: &Rc<Shared>, f: ffi::lua_CFunction) {
     unsafe {
         let boxed = ffi::lua_newuserdatauv(l, std::mem::size_of::<*const Shared>(), 0)
             .cast::<*const Shared>();
         *boxed = Rc::into_raw(shared.clone());
+        shared.closures.set(shared.closures.get() + 1);
         if ffi::luaL_newmetatable(l, c"minimix.shared".as_ptr()) != 0 {
             ffi::lua_pushcfunction(l, gc_shared);
             ffi::lua_setfield(l, -2, c"__gc".as_ptr());
         }
         ffi::lua_setmetatable(l, -2);
-        ffi::lua_pushcclosure(l, f, 1);
+        for key in KEYS {
+            ffi::lua_pushstring(l, key.as_ptr());
+        }
+        ffi::lua_pushcclosure(l, f, 1 + KEYS.len() as c_int);
     }
 }
 
@@ -1302,9 +1702,10 @@ unsafe fn push_closure(l: *mut lua_State, shared: &Rc<Shared>, f: ffi::lua_CFunc
 /// at stack index `mt_index`.
 ///
 /// # Safety
-/// `l` is a valid Lua state with room for four more values.
+/// `l` is a valid Lua state, in a protected call (this allocates).
 pub unsafe fn open(l: *mut lua_State, host: Host, mt_index: c_int) -> Rc<Shared> {
     unsafe {
+        ffi::luaL_checkstack(l, 4 + KEYS.len() as c_int, c"mod_minimix".as_ptr());
         let shared = new_shared(l, host, mt_index);
         push_closure(l, &shared, room_event);
         push_closure(l, &shared, session_event);
@@ -1315,5 +1716,101 @@ pub unsafe fn open(l: *mut lua_State, host: Host, mt_index: c_int) -> Rc<Shared>
             shared.session_rooms as ffi::lua_Integer,
         );
         shared
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn deliver(resource: &str, stanza: Out) -> Action {
+        Action::Deliver {
+            resource: resource.into(),
+            stanza,
+        }
+    }
+
+    fn original() -> Out {
+        Out::Original { id: None }
+    }
+
+    fn handled(actions: Vec<Action>) -> Outcome {
+        Outcome {
+            handled: true,
+            user: Some("alice".to_owned()),
+            actions,
+            ..Outcome::default()
+        }
+    }
+
+    const NO_LIST: fn(&str, &str, usize) -> Option<c_int> = |_, _, _| None;
+
+    #[test]
+    fn a_plain_pass_gives_nothing_back() {
+        let out = Outcome::default();
+        assert!(matches!(reply_of(&out, "h", NO_LIST).body, Body::Pass));
+        let noted = Outcome {
+            notes: vec!["n".to_owned()],
+            ..Outcome::default()
+        };
+        let reply = reply_of(&noted, "h", NO_LIST);
+        assert!(matches!(reply.body, Body::Actions([])));
+        assert_eq!(reply.notes.len(), 1);
+    }
+
+    #[test]
+    fn the_original_sent_from_the_account_is_a_flag() {
+        let mut out = handled(vec![Action::Send { stanza: original() }]);
+        out.persist = true;
+        let reply = reply_of(&out, "h", NO_LIST);
+        assert!(matches!(reply.body, Body::SendOriginal));
+        assert_eq!(reply.flags, FLAG_SEND_ORIGINAL | FLAG_PERSIST);
+        assert_eq!(reply.user, Some("alice"));
+    }
+
+    #[test]
+    fn a_fork_hands_out_the_kept_list_unless_the_sessions_changed() {
+        let mut out = handled(vec![deliver("a", original()), deliver("b", original())]);
+        out.fork_of = Some("r@m".into());
+        out.archive = true;
+        let kept = |u: &str, r: &str, n: usize| (u == "alice" && r == "r@m" && n == 2).then_some(7);
+        let reply = reply_of(&out, "h", kept);
+        assert_eq!(reply.flags, FLAG_ARCHIVE);
+        assert!(matches!(reply.body, Body::Fork(Recipients::Kept(7))));
+        out.changed_rooms = vec!["r@m".to_owned()];
+        let Body::Fork(Recipients::Made(fulls)) = reply_of(&out, "h", kept).body else {
+            panic!("a list made for the event");
+        };
+        assert_eq!(fulls, ["alice@h/a", "alice@h/b"]);
+    }
+
+    #[test]
+    fn everything_for_one_session_is_a_plain_list() {
+        let el = minidom::Element::bare("presence", NS_CLIENT);
+        let out = handled(vec![deliver("a", Out::New(el)), deliver("a", original())]);
+        let reply = reply_of(&out, "h", NO_LIST);
+        assert_eq!(reply.flags, FLAG_ONE_SESSION);
+        let Body::OneSession { full, stanzas } = reply.body else {
+            panic!("one session");
+        };
+        assert_eq!(full, "alice@h/a");
+        assert_eq!(stanzas.len(), 2);
+    }
+
+    #[test]
+    fn anything_else_is_an_actions_list() {
+        let out = handled(vec![
+            deliver(
+                "a",
+                Out::Original {
+                    id: Some("x".into()),
+                },
+            ),
+            Action::Send { stanza: original() },
+        ]);
+        assert!(matches!(
+            reply_of(&out, "h", NO_LIST).body,
+            Body::Actions([_, _])
+        ));
     }
 }
