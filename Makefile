@@ -29,7 +29,7 @@ LUA_FILES := $(notdir $(wildcard lua/*.lua))
 
 build: $(addprefix $(PLUGIN)/,$(LUA_FILES)) $(PLUGIN)/minimix.so
 
-$(PLUGIN)/minimix.so: Cargo.toml Cargo.lock $(wildcard src/*.rs)
+$(PLUGIN)/minimix.so: Cargo.toml Cargo.lock $(wildcard src/*.rs src/*/*.rs)
 	$(CARGO) build $(CARGO_FLAGS)
 	mkdir -p $(PLUGIN)
 	cp $(SO) $@.tmp && mv $@.tmp $@

@@ -1,8 +1,8 @@
 //! mod_minimix: group chats joined per account instead of per client.
 //!
 //! `host` is the I/O-free core (one `Host` per VirtualHost, with one module per concern
-//! beside it). `raw` holds the hot entry points, written against Lua's C API; `bridge` is
-//! the mlua side (the constructor and the admin methods). The Lua shim
+//! beside it). `bridge` is the mlua side (the constructor and the admin methods), with the hot
+//! entry points, written against Lua's C API, in `bridge/` (one file per concern). The Lua shim
 //! `lua/mod_minimix.lua` registers the Prosody hooks and carries out what the core decides.
 
 pub mod bridge;
@@ -12,7 +12,6 @@ pub mod iq;
 pub mod membership;
 pub mod occupants;
 pub mod presence;
-mod raw;
 pub mod stanza;
 pub mod time;
 
