@@ -56,7 +56,7 @@ if not (minimix.flags and minimix.ops) then
 	module:log("error", "The loaded Rust core is older than this mod_minimix.lua: restart Prosody to finish upgrading");
 	return;
 end
--- What the core's outcomes say, as the core names it (src/raw.rs, push_outcome).
+-- What the core's outcomes say, as the core names it (src/bridge/reply.rs, Reply).
 local OP_DELIVER, OP_SEND = minimix.ops.deliver, minimix.ops.send;
 local FLAG_PERSIST, FLAG_ARCHIVE = minimix.flags.persist, minimix.flags.archive;
 local FLAG_SEND_ORIGINAL, FLAG_ONE_SESSION = minimix.flags.send_original, minimix.flags.one_session;
@@ -295,7 +295,7 @@ end
 
 -- Carries out what the core decided. The core answers
 -- `handled, user, actions, notes, recipients, flags`, nothing for a stanza it leaves
--- alone, or `nil, message` when it failed (see src/raw.rs, push_outcome). Any failure is
+-- alone, or `nil, message` when it failed (see src/bridge/reply.rs, Reply). Any failure is
 -- logged and the stanza goes on as if this module were not loaded: returning nil lets
 -- Prosody's own handlers take it.
 local function finish(stanza, ok, handled, user, actions, notes, recipients, flags)
@@ -344,8 +344,9 @@ local test_faults = config.test_faults;
 local decide = module:require("session_index").decide;
 
 -- With minimix_test_faults, a stanza carrying <fault xmlns='urn:xmpp:minimix:test-fault'
--- kind='lua-error|panic'/> fails the module on purpose: a Lua error here, or a panic in the
--- core (such a stanza goes to the core, whatever the index says). Every other stanza takes
+-- kind='lua-error|panic|memory'/> fails the module on purpose: a Lua error here, a panic in
+-- the core, or a Lua memory error while the core's reply is made (such a stanza goes to the
+-- core, whatever the index says). Every other stanza takes
 -- the production path.
 local function faulty(origin, stanza)
 	local fault = stanza:get_child("fault", NS_TEST_FAULT);
@@ -399,7 +400,7 @@ local function to_account(event)
 	return finish(stanza, pcall(room_event, stanza));
 end
 
--- Something the module does of its own accord (see src/raw.rs, control).
+-- Something the module does of its own accord (see src/bridge/entry.rs, control).
 local function act(...)
 	return finish(nil, pcall(control, ...));
 end

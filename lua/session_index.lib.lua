@@ -1,6 +1,6 @@
 -- The one rule the shim applies without asking the Rust core, for speed: what a session's
 -- message or broadcast presence is, given the rooms the session takes part in. The core
--- keeps the session index (`session_rooms[full_jid][room] == true`, see src/raw.rs) and
+-- keeps the session index (`session_rooms[full_jid][room] == true`, see src/bridge/index.rs) and
 -- makes the same decision itself; spec/index_spec.lua loads this very file and checks,
 -- after every event of a long random sequence, that both agree for every session and room.
 --

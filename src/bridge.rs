@@ -1,5 +1,5 @@
 //! The mlua side of the bridge: the module's entry point, the constructor that makes one
-//! host's state and its hot entry points (`raw.rs`), and the admin methods. Values that
+//! host's state and its hot entry points (`bridge/`), and the admin methods. Values that
 //! cross here are few and small, so mlua's safe API is used throughout.
 
 use std::cell::RefCell;
@@ -8,7 +8,13 @@ use std::rc::Rc;
 use mlua::{Function, Lua, LuaString, Result as LuaResult, Table, UserData, UserDataMethods};
 
 use crate::host::{Config, Host};
-use crate::raw::{self, Shared};
+mod entry;
+mod index;
+mod kept;
+mod read;
+mod reply;
+
+use entry::Shared;
 
 /// The object the shim keeps for one VirtualHost: the admin methods and `session_ended`.
 pub struct HostHandle {
@@ -94,11 +100,11 @@ pub fn exports(lua: &Lua) -> LuaResult<Table> {
         lua.create_function(|lua, (host, config, stanza_mt): (String, Table, Table)| {
             let core = Host::new(&host, config_from_lua(&config)?);
             let shared = RefCell::new(None);
-            // SAFETY: `raw::open` gets the stack mlua prepared, with `stanza_mt` at 1.
+            // SAFETY: `entry::open` gets the stack mlua prepared, with `stanza_mt` at 1.
             type Made = (Table, Function, Function, Function, Table);
             let (_, room_event, session_event, control, session_rooms): Made = unsafe {
                 lua.exec_raw(stanza_mt, |l| {
-                    *shared.borrow_mut() = Some(raw::open(l, core, 1));
+                    *shared.borrow_mut() = Some(entry::open(l, core, 1));
                 })?
             };
             let shared = shared
@@ -114,16 +120,16 @@ pub fn exports(lua: &Lua) -> LuaResult<Table> {
         })?,
     )?;
     t.raw_set("version", env!("CARGO_PKG_VERSION"))?;
-    // The constants of the outcomes the hot entry points return (raw.rs, push_outcome).
+    // The constants of the replies the hot entry points return (bridge/reply.rs, Reply).
     let flags = lua.create_table()?;
-    flags.raw_set("persist", raw::FLAG_PERSIST)?;
-    flags.raw_set("archive", raw::FLAG_ARCHIVE)?;
-    flags.raw_set("send_original", raw::FLAG_SEND_ORIGINAL)?;
-    flags.raw_set("one_session", raw::FLAG_ONE_SESSION)?;
+    flags.raw_set("persist", reply::FLAG_PERSIST)?;
+    flags.raw_set("archive", reply::FLAG_ARCHIVE)?;
+    flags.raw_set("send_original", reply::FLAG_SEND_ORIGINAL)?;
+    flags.raw_set("one_session", reply::FLAG_ONE_SESSION)?;
     t.raw_set("flags", flags)?;
     let ops = lua.create_table()?;
-    ops.raw_set("deliver", raw::OP_DELIVER)?;
-    ops.raw_set("send", raw::OP_SEND)?;
+    ops.raw_set("deliver", reply::OP_DELIVER)?;
+    ops.raw_set("send", reply::OP_SEND)?;
     t.raw_set("ops", ops)?;
     Ok(t)
 }

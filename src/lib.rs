@@ -1,9 +1,9 @@
 //! mod_minimix: group chats joined per account instead of per client.
 //!
 //! `host` is the I/O-free core (one `Host` per VirtualHost, its events split by where they
-//! come from, one module per concern beside it, and what it hands back in `outcome`). `raw`
-//! holds the hot entry points, written against Lua's C API; `bridge` is the mlua side (the
-//! constructor and the admin methods). The Lua shim
+//! come from, one module per concern beside it, and what it hands back in `outcome`).
+//! `bridge` is the mlua side (the constructor and the admin methods), with the hot entry
+//! points, written against Lua's C API, in `bridge/` (one file per concern). The Lua shim
 //! `lua/mod_minimix.lua` registers the Prosody hooks and carries out what the core decides.
 
 pub mod bridge;
@@ -16,7 +16,6 @@ pub mod note;
 pub mod occupants;
 pub mod outcome;
 pub mod presence;
-mod raw;
 pub mod stanza;
 pub mod time;
 
