@@ -199,6 +199,7 @@ return function (api)
 		{ "stanzas_forked", "forked", "Stanzas from rooms handed on to an account's sessions (forks, IQ replies)" },
 		{ "joins_served_locally", "joins_served_locally", "Joins answered without asking the room" },
 		{ "iqs_proxied", "iqs_proxied", "IQs sent to rooms from the account for a session" },
+		{ "iqs_expired", "iqs_expired", "IQs whose reply was waited for longer than minimix_iq_timeout" },
 	};
 	local set = {};
 	for _, g in ipairs(gauges) do

@@ -523,6 +523,21 @@ prosody.started:next(function ()
 	module:add_timer(0, rejoin_stored);
 end);
 
+-- The core's timers (Host::tick): an IQ reply waited for longer than minimix_iq_timeout is
+-- forgotten, so that a late one reaches no session. Run when the core says something is
+-- due, else every minimix_iq_timeout seconds (an IQ proxied meanwhile is due after that).
+local function run_timers()
+	act("tick", host);
+	local ok, deadline = pcall(core.next_deadline, core);
+	if not ok then
+		log_error("reading its timers (%s)", nil, deadline);
+	elseif deadline then
+		return math.max(1, deadline - os.time());
+	end
+	return config.iq_timeout;
+end
+module:add_timer(config.iq_timeout, run_timers);
+
 module:log("info", "mod_minimix %s loaded", minimix.version);
 
 -- Admin: shell commands (minimix:memberships/room/leave) and metrics, in admin.lib.lua

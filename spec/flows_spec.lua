@@ -485,6 +485,53 @@ describe("mod_minimix", function()
 		it("leaves no errors in the log", function() no_tracebacks(srv)() end)
 	end)
 
+	describe("flow 6: a reply later than minimix_iq_timeout", function()
+		local srv
+		local ROOM = "late@" .. MUC
+		setup(function() srv = start{ options = { minimix_iq_timeout = 1 } } end)
+		teardown(function() srv:destroy() end)
+
+		local function expired()
+			local result, out = srv:eval([[return require "prosody.core.modulemanager"]]
+				.. [[.get_module("localhost", "minimix").module.save().core:stats().iqs_expired]])
+			return assert(tonumber(result), out)
+		end
+
+		it("reaches no session; one in time still does", function()
+			local bob, phone = bob_and_alice(srv, ROOM, "phone")
+			fresh(bob, phone)
+			local function ask()
+				local version = st.iq({ type = "get", to = ROOM .. "/Bob", id = Client.new_id() })
+					:tag("query", { xmlns = "jabber:iq:version" })
+				phone:send(version)
+				return version, assert(bob:wait_for(function(el)
+					return el.name == "iq" and el.attr.type == "get" and el.attr.from == ROOM .. "/Alice"
+				end))
+			end
+			-- In time: routed back to phone.
+			local version, req = ask()
+			bob:send(st.reply(req):tag("query", { xmlns = "jabber:iq:version" }):text_tag("name", "Bob"))
+			assert(phone:wait_for(iq_reply(version.attr.id)))
+			assert.equal(0, expired())
+			-- Too late: the core's timer forgot the IQ (within a second or two of its
+			-- deadline); bob's reply then reaches the room and the account, but no session.
+			fresh(bob, phone)
+			version, req = ask()
+			local deadline = require "socket".gettime() + 5
+			while expired() == 0 do
+				assert(require "socket".gettime() < deadline, "the IQ never expired")
+				require "socket".sleep(0.2)
+			end
+			bob:send(st.reply(req):tag("query", { xmlns = "jabber:iq:version" }):text_tag("name", "Bob"))
+			settle(bob, phone)
+			assert.equal(0, count(phone.log, iq_reply(version.attr.id)))
+			assert.equal(0, count(phone.log, is_iq))
+			assert.equal(1, expired())
+		end)
+
+		it("leaves no errors in the log", function() no_tracebacks(srv)() end)
+	end)
+
 	describe("flow 7: self-ping", function()
 		local srv
 		local ROOM = "seven@" .. MUC

@@ -73,6 +73,10 @@ impl UserData for HostHandle {
             }
             Ok(list)
         });
+        // When the core's timers next have something to do (Unix seconds), or nil.
+        methods.add_method("next_deadline", |_, this, ()| {
+            Ok(this.shared.host.borrow().next_deadline())
+        });
         methods.add_method("stats", |lua, this, ()| {
             let s = this.shared.host.borrow().stats();
             let t = lua.create_table()?;
@@ -86,6 +90,7 @@ impl UserData for HostHandle {
             t.raw_set("forked", s.forked)?;
             t.raw_set("joins_served_locally", s.joins_served_locally)?;
             t.raw_set("iqs_proxied", s.iqs_proxied)?;
+            t.raw_set("iqs_expired", s.iqs_expired)?;
             Ok(t)
         });
     }

@@ -364,6 +364,8 @@ pub(super) unsafe extern "C-unwind" fn session_event(l: *mut lua_State) -> c_int
 ///   "bookmark", user, room, nick|nil, password|nil, autojoin
 ///   "leave", user, room, reason        — make the account leave (admin)
 ///   "service", domain, is_muc          — whether a service is a MUC (learned by the shim)
+///   "tick", host[, now]                — time passed: the core's timers (IQs no longer
+///                                        waited for); see `next_deadline` for when next
 pub(super) unsafe extern "C-unwind" fn control(l: *mut lua_State) -> c_int {
     unsafe {
         guarded(l, |s, shared| {
@@ -384,6 +386,19 @@ pub(super) unsafe extern "C-unwind" fn control(l: *mut lua_State) -> c_int {
                     }
                     ("service", _) => {
                         host.learn_service(user, flag(3));
+                        Outcome::default()
+                    }
+                    ("tick", _) => {
+                        let outcomes = host.tick(now_at(s, 3));
+                        // Timers only forget things today (expired IQs: Prosody sends a
+                        // client nothing for an IQ nobody answered either). A timer that
+                        // acts needs its outcomes carried out one by one: say so loudly.
+                        if !outcomes.is_empty() {
+                            return Err(format!(
+                                "control: {} timer outcome(s) left undone",
+                                outcomes.len()
+                            ));
+                        }
                         Outcome::default()
                     }
                     _ => return Err(format!("control: unknown operation {op}")),
