@@ -187,13 +187,9 @@ local function archive()
 	return archive_store;
 end
 
--- Store a live groupchat message once in the account's archive. The room hands the same
--- stanza to every occupant, so it is not changed: the copy that is forked carries the
--- archive's stanza-id (and never one a room made up in the account's name).
-local function archived_copy(user, stanza)
-	local store_to = archive();
-	if not store_to then return stanza; end
-	local bare = bare_jids[user];
+-- A copy of `stanza` to store for the account `bare`, without any <stanza-id/> claiming to
+-- be the account's archive's (only the archive may say that).
+local function own_copy(stanza, bare)
 	local copy = st.clone(stanza);
 	copy:maptags(function (tag)
 		if tag.name == "stanza-id" and tag.attr.xmlns == NS_STANZA_ID and tag.attr.by == bare then
@@ -201,6 +197,17 @@ local function archived_copy(user, stanza)
 		end
 		return tag;
 	end);
+	return copy;
+end
+
+-- Store a live groupchat message once in the account's archive. The room hands the same
+-- stanza to every occupant, so it is not changed: the copy that is forked carries the
+-- archive's stanza-id (and never one a room made up in the account's name).
+local function archived_copy(user, stanza)
+	local store_to = archive();
+	if not store_to then return stanza; end
+	local bare = bare_jids[user];
+	local copy = own_copy(stanza, bare);
 	copy.attr.to = bare;
 	local id, err = store_to:append(user, nil, copy, time_now(), jid_bare(stanza.attr.from));
 	if not id then
@@ -210,6 +217,23 @@ local function archived_copy(user, stanza)
 	copy = st.clone(copy);
 	copy:tag("stanza-id", { xmlns = NS_STANZA_ID, by = bare, id = id }):up();
 	return copy;
+end
+
+-- A message a session sends to its room or to an occupant (a private message, an
+-- invitation) leaves from the account, past mod_mam's hook for what sessions send. Archive
+-- it as mod_mam would have: if mod_mam's own rules ("archive-should-store") say so, as the
+-- session sent it, under the room's bare JID. (Groupchat is stored as the room reflects it.)
+local function archive_sent(origin, stanza)
+	local store_to = archive();
+	if not store_to then return; end
+	if not module:fire_event("archive-should-store", { stanza = stanza, session = origin }) then return; end
+	local user = origin.username;
+	local bare = bare_jids[user];
+	local copy = own_copy(stanza, bare);
+	local id, err = store_to:append(user, nil, copy, time_now(), jid_bare(stanza.attr.to));
+	if not id then
+		module:log("error", "Could not archive a message from %s to %s: %s", origin.full_jid, stanza.attr.to, err);
+	end
 end
 
 local function carry_out(user, actions, stanza)
@@ -372,6 +396,10 @@ local function from_session(event)
 	end
 	local what = decide(session_rooms[origin.full_jid], stanza);
 	if what == "account" then
+		if stanza.attr.type ~= "groupchat" then
+			local archived, err = pcall(archive_sent, origin, stanza);
+			if not archived then log_error("to archive %s", stanza, err); end
+		end
 		return send_from_account(stanza, origin.username);
 	elseif what == "drop" then
 		return true;

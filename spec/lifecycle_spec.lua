@@ -524,6 +524,33 @@ describe("mod_minimix lifecycle", function()
 			assert.equal(0, count(laptop.log, from_room(ROOM)))
 		end)
 
+		it("stores what a session sends to an occupant or the room once, as mod_mam would", function()
+			local SENT = "sent@" .. MUC
+			local bob, phone, laptop = clients.bob_and_alice(srv)
+			join(bob, SENT .. "/Bob")
+			join(phone, SENT .. "/Alice")
+			join(laptop, SENT .. "/Alice")
+			fresh(bob, phone, laptop)
+			-- A private message goes out from the account (the room sees its occupant), yet
+			-- it is the session's own: mod_mam would have stored it, so the module does.
+			phone:send(st.message({ to = SENT .. "/Bob", type = "chat", id = Client.new_id() })
+				:text_tag("body", "private to bob"))
+			local got = assert(bob:wait_for(function(el) return Client.body(el) == "private to bob" end))
+			assert.equal(SENT .. "/Alice", got.attr.from)
+			laptop:send(st.message({ to = SENT .. "/Bob", type = "chat", id = Client.new_id() })
+				:tag("active", { xmlns = "http://jabber.org/protocol/chatstates" }):up())
+			say(phone, SENT, "group from phone", { bob, phone, laptop })
+			settle(bob, phone, laptop)
+			local results = mam_query(laptop, SENT)
+			local bodies = {}
+			for _, r in ipairs(results) do bodies[#bodies + 1] = Client.body(r.message) or "(none)" end
+			-- Each once, in order: the chat state alone is not archived (mod_mam's rules).
+			assert.same({ "private to bob", "group from phone" }, bodies)
+			local stored = results[1].message
+			assert.equal(phone.jid, stored.attr.from)
+			assert.equal(SENT .. "/Bob", stored.attr.to)
+		end)
+
 		it("gives live copies the archive's stanza-id, and carbons copy no groupchat", function()
 			local bob, phone, laptop, tablet = clients.bob_and_alice(srv)
 			for _, c in ipairs({ phone, laptop, tablet }) do enable_carbons(c) end
