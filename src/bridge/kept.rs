@@ -1,5 +1,11 @@
-//! The kept-stanza text format: a stanza table serialized (`write_xml`) when the core
-//! keeps it, and kept text turned straight back into stanza tables (`push_kept`).
+//! The kept-stanza text format: a stanza serialized (`write_xml`) when the core keeps it,
+//! and kept text parsed (`parse_kept`) straight back into stanza tables (`push_kept`).
+//!
+//! Both are pure Rust: the serializer reads a [`Source`], the parser builds into a
+//! [`Sink`] and applies an [`Edit`] on the way. On the hot path the source is a stanza
+//! table read in place on the Lua stack ([`Table`]) and the sink builds stanza tables on
+//! the Lua stack ([`LuaSink`]), both statically dispatched; the tests use a
+//! `minidom::Element` for either, and check the format against minidom.
 
 use std::borrow::Cow;
 use std::ffi::c_int;
@@ -33,82 +39,152 @@ pub(super) fn escape_into(out: &mut String, text: &str, attr: bool) {
     out.push_str(rest);
 }
 
-/// Serialize the stanza table at `t` as XML, leaving out the top element's `to`.
-pub(super) fn write_xml(
-    s: Frame<'_>,
-    t: c_int,
+/// A stanza element as the serializer reads it: a stanza table on the Lua stack
+/// ([`Table`]), or a `minidom::Element` (tests).
+pub(crate) trait Source: Sized {
+    /// Whether there is room to read this element (Lua stack space).
+    fn reserve(&self) -> bool {
+        true
+    }
+    fn name(&self) -> Option<&str>;
+    /// The `xmlns` attribute, when the element has one of its own.
+    fn xmlns(&self) -> Option<&str>;
+    /// Call `f` with each attribute (the `xmlns` one included) as a Prosody stanza table
+    /// keys it (`uri\u{1}local` for one in a namespace) and its value.
+    fn attrs(&self, f: impl FnMut(&str, &str));
+    /// Whether the element has any child node at all.
+    fn has_nodes(&self) -> bool;
+    /// Call `f` with each child node in order, until it returns `None` (then `None`).
+    fn nodes(&self, f: impl FnMut(Child<'_, Self>) -> Option<()>) -> Option<()>;
+}
+
+/// A child node of a [`Source`].
+pub(crate) enum Child<'a, S> {
+    Text(&'a str),
+    Element(S),
+}
+
+/// Serialize `el` as XML, leaving out the top element's `to`.
+pub(crate) fn write_xml<S: Source>(
+    el: &S,
     parent_ns: &str,
     top: bool,
     depth: usize,
     out: &mut String,
 ) -> Option<()> {
-    let l = s.l;
-    unsafe {
-        if depth > MAX_DEPTH || ffi::lua_checkstack(l, 8) == 0 {
-            return None;
+    if depth > MAX_DEPTH || !el.reserve() {
+        return None;
+    }
+    let name = el.name()?;
+    let own_ns = if top { None } else { el.xmlns() };
+    let ns = own_ns.unwrap_or(parent_ns);
+    out.push('<');
+    out.push_str(name);
+    if top || ns != parent_ns {
+        out.push_str(" xmlns='");
+        escape_into(out, ns, true);
+        out.push('\'');
+    }
+    let mut prefixes = 0;
+    el.attrs(|key, value| {
+        if key == "xmlns" || (top && key == "to") {
+            return;
         }
-        let name = s.field_str(t, Key::Name)?;
-        let own_ns = if top { None } else { s.attr_str(t, Key::Xmlns) };
-        let ns = own_ns.unwrap_or(parent_ns);
-        out.push('<');
-        out.push_str(name);
-        if top || ns != parent_ns {
-            out.push_str(" xmlns='");
-            escape_into(out, ns, true);
-            out.push('\'');
+        out.push(' ');
+        if let Some((ans, local)) = key.split_once('\u{1}') {
+            prefixes += 1;
+            out.push_str(&format!("xmlns:p{prefixes}='"));
+            escape_into(out, ans, true);
+            out.push_str(&format!("' p{prefixes}:{local}"));
+        } else {
+            out.push_str(key);
         }
-        if s.raw_field(t, Key::Attr) == ffi::LUA_TTABLE {
-            let attr = ffi::lua_gettop(l);
-            let mut prefixes = 0;
-            ffi::lua_pushnil(l);
-            while ffi::lua_next(l, attr) != 0 {
-                // Only string keys and values: lua_tolstring on a number key would confuse
-                // lua_next.
-                if let (Some(key), Some(value)) = (s.str_at(-2), s.str_at(-1))
-                    && key != "xmlns"
-                    && !(top && key == "to")
-                {
-                    out.push(' ');
-                    if let Some((ans, local)) = key.split_once('\u{1}') {
-                        prefixes += 1;
-                        out.push_str(&format!("xmlns:p{prefixes}='"));
-                        escape_into(out, ans, true);
-                        out.push_str(&format!("' p{prefixes}:{local}"));
-                    } else {
-                        out.push_str(key);
+        out.push_str("='");
+        escape_into(out, value, true);
+        out.push('\'');
+    });
+    if !el.has_nodes() {
+        out.push_str("/>");
+        return Some(());
+    }
+    out.push('>');
+    el.nodes(|node| match node {
+        Child::Text(text) => {
+            escape_into(out, text, false);
+            Some(())
+        }
+        Child::Element(child) => write_xml(&child, ns, false, depth + 1, out),
+    })?;
+    out.push_str("</");
+    out.push_str(name);
+    out.push('>');
+    Some(())
+}
+
+/// A stanza table on the Lua stack, at absolute index `t`, read in place.
+#[derive(Clone, Copy)]
+pub(super) struct Table<'f> {
+    pub(super) s: Frame<'f>,
+    pub(super) t: c_int,
+}
+
+impl Source for Table<'_> {
+    fn reserve(&self) -> bool {
+        unsafe { ffi::lua_checkstack(self.s.l, 8) != 0 }
+    }
+
+    fn name(&self) -> Option<&str> {
+        self.s.field_str(self.t, Key::Name)
+    }
+
+    fn xmlns(&self) -> Option<&str> {
+        self.s.attr_str(self.t, Key::Xmlns)
+    }
+
+    fn attrs(&self, mut f: impl FnMut(&str, &str)) {
+        let (s, l) = (self.s, self.s.l);
+        unsafe {
+            if s.raw_field(self.t, Key::Attr) == ffi::LUA_TTABLE {
+                let attr = ffi::lua_gettop(l);
+                ffi::lua_pushnil(l);
+                while ffi::lua_next(l, attr) != 0 {
+                    // Only string keys and values: lua_tolstring on a number key would
+                    // confuse lua_next.
+                    if let (Some(key), Some(value)) = (s.str_at(-2), s.str_at(-1)) {
+                        f(key, value);
                     }
-                    out.push_str("='");
-                    escape_into(out, value, true);
-                    out.push('\'');
+                    ffi::lua_pop(l, 1);
                 }
+            }
+            ffi::lua_pop(l, 1);
+        }
+    }
+
+    fn has_nodes(&self) -> bool {
+        unsafe { ffi::lua_rawlen(self.s.l, self.t) != 0 }
+    }
+
+    fn nodes(&self, mut f: impl FnMut(Child<'_, Self>) -> Option<()>) -> Option<()> {
+        let (s, l) = (self.s, self.s.l);
+        unsafe {
+            let n = ffi::lua_rawlen(l, self.t);
+            for i in 1..=n {
+                let kind = ffi::lua_rawgeti(l, self.t, i as ffi::lua_Integer);
+                let ok = match kind {
+                    ffi::LUA_TSTRING => match s.str_at(-1) {
+                        Some(text) => f(Child::Text(text)),
+                        None => Some(()),
+                    },
+                    ffi::LUA_TTABLE => f(Child::Element(Table {
+                        s,
+                        t: ffi::lua_gettop(l),
+                    })),
+                    _ => Some(()),
+                };
                 ffi::lua_pop(l, 1);
+                ok?;
             }
         }
-        ffi::lua_pop(l, 1);
-        let n = ffi::lua_rawlen(l, t);
-        if n == 0 {
-            out.push_str("/>");
-            return Some(());
-        }
-        out.push('>');
-        for i in 1..=n {
-            let kind = ffi::lua_rawgeti(l, t, i as ffi::lua_Integer);
-            let ok = match kind {
-                ffi::LUA_TSTRING => {
-                    if let Some(text) = s.str_at(-1) {
-                        escape_into(out, text, false);
-                    }
-                    Some(())
-                }
-                ffi::LUA_TTABLE => write_xml(s, ffi::lua_gettop(l), ns, false, depth + 1, out),
-                _ => Some(()),
-            };
-            ffi::lua_pop(l, 1);
-            ok?;
-        }
-        out.push_str("</");
-        out.push_str(name);
-        out.push('>');
         Some(())
     }
 }
@@ -171,30 +247,93 @@ pub(super) unsafe fn push_element(
     }
 }
 
-/// A reader of kept stanza text (made by `write_xml`, or by minidom in tests) that builds
-/// Prosody stanza tables directly, without an intermediate tree.
-pub(super) struct KeptReader<'x> {
+/// What the parser hands a [`Sink`] when an element ends (its children were handed over
+/// before, in order).
+pub(crate) struct Ended<'a> {
+    pub(crate) name: &'a str,
+    pub(crate) ns: &'a str,
+    pub(crate) parent_ns: &'a str,
+    /// 0 for the top element.
+    pub(crate) depth: usize,
+    attrs: &'a [(&'a str, Cow<'a, str>)],
+    prefixes: &'a [(&'a str, Cow<'a, str>)],
+    /// For each child node handed over (an added one included, a dropped one not):
+    /// whether it is an element.
+    pub(crate) kinds: &'a [bool],
+}
+
+/// An attribute's name as the kept text gives it.
+pub(crate) enum AttrName<'a> {
+    /// Unprefixed, or with the `xml:` prefix or one the text does not declare: as written.
+    Plain(&'a str),
+    /// A prefix the element declares, resolved to its namespace.
+    Qualified { ns: &'a str, local: &'a str },
+}
+
+impl<'a> Ended<'a> {
+    /// The attributes other than namespace declarations, in the order of the text.
+    pub(crate) fn attrs(&self) -> impl Iterator<Item = (AttrName<'a>, &'a str)> + use<'a> {
+        let prefixes = self.prefixes;
+        self.attrs.iter().map(move |(key, value)| {
+            let name = match key.split_once(':') {
+                Some((prefix, local)) if prefix != "xml" => {
+                    match prefixes.iter().find(|(p, _)| *p == prefix) {
+                        Some((_, uri)) => AttrName::Qualified { ns: uri, local },
+                        None => AttrName::Plain(key),
+                    }
+                }
+                _ => AttrName::Plain(key),
+            };
+            (name, &**value)
+        })
+    }
+
+    pub(crate) fn attr_count(&self) -> usize {
+        self.attrs.len()
+    }
+}
+
+/// What the parser builds from kept text: Prosody stanza tables on the Lua stack
+/// ([`LuaSink`]) or a `minidom::Element` ([`ElementSink`]). Children come first (text and
+/// elements, in order), then the element they belong to ends.
+pub(crate) trait Sink {
+    /// Whether there is room to build one more element (Lua stack space).
+    fn reserve(&mut self) -> bool {
+        true
+    }
+    /// An element starts: its children follow.
+    fn start(&mut self) {}
+    fn text(&mut self, text: &str) -> Option<()>;
+    /// An element an edit adds, as the next child (`parent_ns`: its parent's namespace).
+    fn added(&mut self, el: Element, parent_ns: &str);
+    /// The child just handed over is left out after all (an edit drops it).
+    fn drop_last(&mut self);
+    fn end(&mut self, el: &Ended<'_>) -> Option<()>;
+}
+
+/// A reader of kept stanza text (made by [`write_xml`], or by minidom in tests) that hands
+/// what it reads to a [`Sink`], applying an [`Edit`] on the way.
+struct KeptReader<'x, S> {
     /// The kept text (made by [`write_xml`], so well-formed and split only at ASCII
     /// delimiters, which are character boundaries).
-    pub(super) text: &'x str,
-    pub(super) xml: &'x [u8],
-    pub(super) pos: usize,
-    pub(super) l: *mut lua_State,
-    pub(super) mt: c_int,
+    text: &'x str,
+    xml: &'x [u8],
+    pos: usize,
+    sink: S,
     /// Scratch stacks shared by all elements of the stanza (each element uses the entries
     /// above where it started and drops them when done), so parsing allocates nothing
     /// per element: attributes, namespace prefixes, and whether each child is a tag.
-    pub(super) attrs: Vec<(&'x str, Cow<'x, str>)>,
-    pub(super) prefixes: Vec<(&'x str, Cow<'x, str>)>,
-    pub(super) kinds: Vec<bool>,
+    attrs: Vec<(&'x str, Cow<'x, str>)>,
+    prefixes: Vec<(&'x str, Cow<'x, str>)>,
+    kinds: Vec<bool>,
 }
 
 /// What a parsed element tells its parent (for the edits of a later join).
-pub(super) struct Parsed {
+struct Parsed {
     is_status_201: bool,
 }
 
-impl<'x> KeptReader<'x> {
+impl<'x, S: Sink> KeptReader<'x, S> {
     fn peek(&self) -> Option<u8> {
         self.xml.get(self.pos).copied()
     }
@@ -254,134 +393,200 @@ impl<'x> KeptReader<'x> {
         Some(Cow::Owned(out))
     }
 
-    /// Parse one element at `<` and leave its table on the stack. Children are built on
-    /// the stack first, so every table is made at its final size.
-    unsafe fn element(
-        &mut self,
-        parent_ns: &str,
-        depth: usize,
-        edit: Option<&Edit>,
-    ) -> Option<Parsed> {
+    /// Parse one element at `<` and hand it to the sink: its children first, then its end.
+    fn element(&mut self, parent_ns: &str, depth: usize, edit: Option<&Edit>) -> Option<Parsed> {
+        if depth > MAX_DEPTH || !self.sink.reserve() {
+            return None;
+        }
+        self.pos += 1; // '<'
+        let name = self.name()?;
+        let mut ns: Cow<'x, str> = Cow::Borrowed("");
+        let mut own_ns = false;
+        let attrs_from = self.attrs.len();
+        let prefixes_from = self.prefixes.len();
+        let mut code = None;
+        let closed = loop {
+            self.skip_space();
+            match self.peek()? {
+                b'/' => {
+                    self.pos += 2; // "/>"
+                    break true;
+                }
+                b'>' => {
+                    self.pos += 1;
+                    break false;
+                }
+                _ => {}
+            }
+            let key = self.name()?;
+            self.skip_space();
+            self.pos += 1; // '='
+            self.skip_space();
+            let quote = self.peek()?;
+            self.pos += 1;
+            let value = self.text_until(quote)?;
+            self.pos += 1;
+            if key == "xmlns" {
+                ns = value;
+                own_ns = true;
+            } else if let Some(prefix) = key.strip_prefix("xmlns:") {
+                self.prefixes.push((prefix, value));
+            } else {
+                if key == "code" {
+                    code = Some(value.clone());
+                }
+                self.attrs.push((key, value));
+            }
+        };
+        let attrs_to = self.attrs.len();
+        let prefixes_to = self.prefixes.len();
+        let ns: &str = if own_ns { &ns } else { parent_ns };
+        // An item of the self-presence's payload names the session, not the account.
+        if depth == 2
+            && name == "item"
+            && ns == NS_MUC_USER
+            && let Some(edit) = edit
+        {
+            for (key, value) in &mut self.attrs[attrs_from..attrs_to] {
+                if *key == "jid"
+                    && let Some(jid) = edit.own_item_jid(value)
+                {
+                    *value = Cow::Owned(jid.to_owned());
+                }
+            }
+        }
+        // The edits of a later join, on the self-presence's muc#user payload.
+        let in_own_x = edit.is_some_and(Edit::edits_own_presence)
+            && depth == 1
+            && name == "x"
+            && ns == NS_MUC_USER;
+        self.sink.start();
+        let kinds_from = self.kinds.len();
+        if !closed {
+            loop {
+                if self.peek()? == b'<' {
+                    if self.xml.get(self.pos + 1) == Some(&b'/') {
+                        while self.peek()? != b'>' {
+                            self.pos += 1;
+                        }
+                        self.pos += 1;
+                        break;
+                    }
+                    // Only the top element's direct children, and the items of the
+                    // self-presence's payload, need to know the edit.
+                    let child_edit = if depth == 0 || in_own_x { edit } else { None };
+                    let parsed = self.element(ns, depth + 1, child_edit)?;
+                    if in_own_x
+                        && parsed.is_status_201
+                        && edit.is_some_and(|e| e.drops_own_status(Some("201")))
+                    {
+                        self.sink.drop_last();
+                        continue;
+                    }
+                    self.kinds.push(true);
+                } else {
+                    let text = self.text_until(b'<')?;
+                    self.sink.text(&text)?;
+                    self.kinds.push(false);
+                }
+            }
+        }
+        let added = match edit {
+            Some(edit) if depth == 0 => edit.added_to_stanza(),
+            Some(edit) if in_own_x => edit.added_to_own_presence(),
+            _ => None,
+        };
+        if let Some(el) = added {
+            self.sink.added(el, ns);
+            self.kinds.push(true);
+        }
+        let ended = Ended {
+            name,
+            ns,
+            parent_ns,
+            depth,
+            attrs: &self.attrs[attrs_from..attrs_to],
+            prefixes: &self.prefixes[prefixes_from..prefixes_to],
+            kinds: &self.kinds[kinds_from..],
+        };
+        self.sink.end(&ended)?;
+        self.kinds.truncate(kinds_from);
+        self.attrs.truncate(attrs_from);
+        self.prefixes.truncate(prefixes_from);
+        Some(Parsed {
+            is_status_201: name == "status" && ns == NS_MUC_USER && code.as_deref() == Some("201"),
+        })
+    }
+}
+
+/// Parse kept stanza text into `sink`, changed as `edit` says; `None` on malformed text
+/// (the sink may then hold part of it).
+pub(crate) fn parse_kept<S: Sink>(xml: &str, edit: Option<&Edit>, sink: S) -> Option<S> {
+    let mut reader = KeptReader {
+        text: xml,
+        xml: xml.as_bytes(),
+        pos: 0,
+        sink,
+        attrs: Vec::new(),
+        prefixes: Vec::new(),
+        kinds: Vec::new(),
+    };
+    reader.skip_space();
+    if reader.peek() != Some(b'<') {
+        return None;
+    }
+    reader.element(NS_CLIENT, 0, edit)?;
+    Some(reader.sink)
+}
+
+/// Builds Prosody stanza tables on the Lua stack: each child is pushed as it is read, and
+/// an element's table is made at its final size once its children are there, then moved
+/// down over them (no intermediate tree).
+pub(super) struct LuaSink {
+    pub(super) l: *mut lua_State,
+    /// Registry reference to `util.stanza`'s metatable.
+    pub(super) mt: c_int,
+}
+
+impl Sink for LuaSink {
+    #[inline]
+    fn reserve(&mut self) -> bool {
+        unsafe { ffi::lua_checkstack(self.l, 10) != 0 }
+    }
+
+    #[inline]
+    fn text(&mut self, text: &str) -> Option<()> {
         unsafe {
-            let l = self.l;
-            if depth > MAX_DEPTH || ffi::lua_checkstack(l, 10) == 0 {
+            if ffi::lua_checkstack(self.l, 4) == 0 {
                 return None;
             }
-            self.pos += 1; // '<'
-            let name = self.name()?;
-            let mut ns: Cow<'x, str> = Cow::Borrowed("");
-            let mut own_ns = false;
-            let attrs_from = self.attrs.len();
-            let prefixes_from = self.prefixes.len();
-            let mut code = None;
-            let closed = loop {
-                self.skip_space();
-                match self.peek()? {
-                    b'/' => {
-                        self.pos += 2; // "/>"
-                        break true;
-                    }
-                    b'>' => {
-                        self.pos += 1;
-                        break false;
-                    }
-                    _ => {}
-                }
-                let key = self.name()?;
-                self.skip_space();
-                self.pos += 1; // '='
-                self.skip_space();
-                let quote = self.peek()?;
-                self.pos += 1;
-                let value = self.text_until(quote)?;
-                self.pos += 1;
-                if key == "xmlns" {
-                    ns = value;
-                    own_ns = true;
-                } else if let Some(prefix) = key.strip_prefix("xmlns:") {
-                    self.prefixes.push((prefix, value));
-                } else {
-                    if key == "code" {
-                        code = Some(value.clone());
-                    }
-                    self.attrs.push((key, value));
-                }
-            };
-            let attrs_to = self.attrs.len();
-            let prefixes_to = self.prefixes.len();
-            let ns: &str = if own_ns { &ns } else { parent_ns };
-            // An item of the self-presence's payload names the session, not the account.
-            if depth == 2
-                && name == "item"
-                && ns == NS_MUC_USER
-                && let Some(edit) = edit
-            {
-                for (key, value) in &mut self.attrs[attrs_from..attrs_to] {
-                    if *key == "jid"
-                        && let Some(jid) = edit.own_item_jid(value)
-                    {
-                        *value = Cow::Owned(jid.to_owned());
-                    }
-                }
-            }
-            // The edits of a later join, on the self-presence's muc#user payload.
-            let in_own_x = edit.is_some_and(Edit::edits_own_presence)
-                && depth == 1
-                && name == "x"
-                && ns == NS_MUC_USER;
-            // Children, in order, on the stack above `base`.
-            let base = ffi::lua_gettop(l);
-            let kinds_from = self.kinds.len();
-            if !closed {
-                loop {
-                    if self.peek()? == b'<' {
-                        if self.xml.get(self.pos + 1) == Some(&b'/') {
-                            while self.peek()? != b'>' {
-                                self.pos += 1;
-                            }
-                            self.pos += 1;
-                            break;
-                        }
-                        // Only the top element's direct children, and the items of the
-                        // self-presence's payload, need to know the edit.
-                        let child_edit = if depth == 0 || in_own_x { edit } else { None };
-                        let parsed = self.element(ns, depth + 1, child_edit)?;
-                        if in_own_x
-                            && parsed.is_status_201
-                            && edit.is_some_and(|e| e.drops_own_status(Some("201")))
-                        {
-                            ffi::lua_pop(l, 1);
-                            continue;
-                        }
-                        self.kinds.push(true);
-                    } else {
-                        let text = self.text_until(b'<')?;
-                        if ffi::lua_checkstack(l, 4) == 0 {
-                            return None;
-                        }
-                        push_str(l, &text);
-                        self.kinds.push(false);
-                    }
-                }
-            }
-            let added = match edit {
-                Some(edit) if depth == 0 => edit.added_to_stanza(),
-                Some(edit) if in_own_x => edit.added_to_own_presence(),
-                _ => None,
-            };
-            if let Some(el) = &added {
-                push_element(l, el, ns, false, self.mt);
-                self.kinds.push(true);
-            }
-            let is_tag = &self.kinds[kinds_from..];
-            let nodes = is_tag.len() as c_int;
-            let ntags = is_tag.iter().filter(|t| **t).count() as c_int;
+            push_str(self.l, text);
+        }
+        Some(())
+    }
+
+    fn added(&mut self, el: Element, parent_ns: &str) {
+        unsafe { push_element(self.l, &el, parent_ns, false, self.mt) }
+    }
+
+    fn drop_last(&mut self) {
+        unsafe { ffi::lua_pop(self.l, 1) }
+    }
+
+    #[inline]
+    fn end(&mut self, el: &Ended<'_>) -> Option<()> {
+        let l = self.l;
+        unsafe {
+            // The children, in order, are the top `nodes` values of the stack.
+            let nodes = el.kinds.len() as c_int;
+            let base = ffi::lua_gettop(l) - nodes;
+            let ntags = el.kinds.iter().filter(|t| **t).count() as c_int;
             ffi::lua_createtable(l, nodes, 3);
             let t = ffi::lua_gettop(l);
             ffi::lua_createtable(l, ntags, 0);
             let tags = t + 1;
             let mut k = 0;
-            for (i, tag) in is_tag.iter().enumerate() {
+            for (i, tag) in el.kinds.iter().enumerate() {
                 ffi::lua_pushvalue(l, base + 1 + i as c_int);
                 if *tag {
                     k += 1;
@@ -391,46 +596,32 @@ impl<'x> KeptReader<'x> {
                 ffi::lua_rawseti(l, t, i as ffi::lua_Integer + 1);
             }
             ffi::lua_setfield(l, t, c"tags".as_ptr());
-            push_str(l, name);
+            push_str(l, el.name);
             ffi::lua_setfield(l, t, c"name".as_ptr());
-            let with_xmlns = depth > 0 && ns != parent_ns;
+            let with_xmlns = el.depth > 0 && el.ns != el.parent_ns;
             // The top element gets its `to` when it is sent: room for it from the start.
-            let extra = c_int::from(with_xmlns) + c_int::from(depth == 0);
-            self.kinds.truncate(kinds_from);
-            let pending = &self.attrs[attrs_from..attrs_to];
-            let prefixes = &self.prefixes[prefixes_from..prefixes_to];
-            ffi::lua_createtable(l, 0, pending.len() as c_int + extra);
+            let extra = c_int::from(with_xmlns) + c_int::from(el.depth == 0);
+            ffi::lua_createtable(l, 0, el.attr_count() as c_int + extra);
             if with_xmlns {
-                push_str(l, ns);
+                push_str(l, el.ns);
                 ffi::lua_setfield(l, -2, c"xmlns".as_ptr());
             }
-            for (key, value) in pending {
-                match key.split_once(':') {
-                    Some((prefix, local)) if prefix != "xml" => {
-                        match prefixes.iter().find(|(p, _)| *p == prefix) {
-                            Some((_, uri)) => push_str(l, &format!("{uri}\u{1}{local}")),
-                            None => push_str(l, key),
-                        }
-                    }
-                    _ => push_str(l, key),
+            for (key, value) in el.attrs() {
+                match key {
+                    AttrName::Plain(key) => push_str(l, key),
+                    AttrName::Qualified { ns, local } => push_str(l, &format!("{ns}\u{1}{local}")),
                 }
                 push_str(l, value);
                 ffi::lua_rawset(l, -3);
             }
-            self.attrs.truncate(attrs_from);
-            self.prefixes.truncate(prefixes_from);
             ffi::lua_setfield(l, t, c"attr".as_ptr());
             ffi::lua_rawgeti(l, ffi::LUA_REGISTRYINDEX, self.mt as ffi::lua_Integer);
             ffi::lua_setmetatable(l, t);
             // Move the new table down over its children and drop them.
             ffi::lua_rotate(l, base + 1, 1);
             ffi::lua_settop(l, base + 1);
-            Some(Parsed {
-                is_status_201: name == "status"
-                    && ns == NS_MUC_USER
-                    && code.as_deref() == Some("201"),
-            })
         }
+        Some(())
     }
 }
 
@@ -439,19 +630,7 @@ impl<'x> KeptReader<'x> {
 pub(super) unsafe fn push_kept(l: *mut lua_State, xml: &str, edit: &Edit, mt: c_int) -> Option<()> {
     unsafe {
         let top = ffi::lua_gettop(l);
-        let mut reader = KeptReader {
-            text: xml,
-            xml: xml.as_bytes(),
-            pos: 0,
-            l,
-            mt,
-            attrs: Vec::new(),
-            prefixes: Vec::new(),
-            kinds: Vec::new(),
-        };
-        reader.skip_space();
-        let ok = reader.peek() == Some(b'<') && reader.element(NS_CLIENT, 0, Some(edit)).is_some();
-        if !ok {
+        if parse_kept(xml, Some(edit), LuaSink { l, mt }).is_none() {
             ffi::lua_settop(l, top);
             return None;
         }
