@@ -22,8 +22,14 @@ use super::{read::*, reply::*};
 /// Stanzas nested deeper than this are not serialized (they pass on untouched).
 pub(super) const MAX_DEPTH: usize = 64;
 
+/// Escape `text` as XML character data (`attr`: an attribute value in quotes). A carriage
+/// return, and in an attribute a tab or a line feed, are written as character references:
+/// an XML parser would otherwise read them as a line feed or a space.
 pub(super) fn escape_into(out: &mut String, text: &str, attr: bool) {
-    let special = |b: u8| matches!(b, b'&' | b'<' | b'>') || (attr && matches!(b, b'\'' | b'"'));
+    let special = |b: u8| {
+        matches!(b, b'&' | b'<' | b'>' | b'\r')
+            || (attr && matches!(b, b'\'' | b'"' | b'\t' | b'\n'))
+    };
     let mut rest = text;
     while let Some(i) = rest.bytes().position(special) {
         out.push_str(&rest[..i]);
@@ -32,7 +38,10 @@ pub(super) fn escape_into(out: &mut String, text: &str, attr: bool) {
             b'<' => "&lt;",
             b'>' => "&gt;",
             b'\'' => "&apos;",
-            _ => "&quot;",
+            b'"' => "&quot;",
+            b'\t' => "&#x9;",
+            b'\n' => "&#xA;",
+            _ => "&#xD;",
         });
         rest = &rest[i + 1..];
     }
@@ -256,6 +265,7 @@ pub(crate) struct Ended<'a> {
     /// 0 for the top element.
     pub(crate) depth: usize,
     attrs: &'a [(&'a str, Cow<'a, str>)],
+    /// The prefixes declared on this element and its ancestors, the innermost last.
     prefixes: &'a [(&'a str, Cow<'a, str>)],
     /// For each child node handed over (an added one included, a dropped one not):
     /// whether it is an element.
@@ -277,7 +287,7 @@ impl<'a> Ended<'a> {
         self.attrs.iter().map(move |(key, value)| {
             let name = match key.split_once(':') {
                 Some((prefix, local)) if prefix != "xml" => {
-                    match prefixes.iter().find(|(p, _)| *p == prefix) {
+                    match prefixes.iter().rev().find(|(p, _)| *p == prefix) {
                         Some((_, uri)) => AttrName::Qualified { ns: uri, local },
                         None => AttrName::Plain(key),
                     }
@@ -506,7 +516,7 @@ impl<'x, S: Sink> KeptReader<'x, S> {
             parent_ns,
             depth,
             attrs: &self.attrs[attrs_from..attrs_to],
-            prefixes: &self.prefixes[prefixes_from..prefixes_to],
+            prefixes: &self.prefixes[..prefixes_to],
             kinds: &self.kinds[kinds_from..],
         };
         self.sink.end(&ended)?;
@@ -635,5 +645,417 @@ pub(super) unsafe fn push_kept(l: *mut lua_State, xml: &str, edit: &Edit, mt: c_
             return None;
         }
         Some(())
+    }
+}
+
+/// A `minidom::Element` as a [`Source`] (tests): attributes keyed as Prosody keys them.
+#[cfg(test)]
+pub(crate) struct ElementSource<'a> {
+    el: &'a Element,
+    ns: String,
+}
+
+#[cfg(test)]
+impl<'a> ElementSource<'a> {
+    pub(crate) fn new(el: &'a Element) -> ElementSource<'a> {
+        ElementSource { el, ns: el.ns() }
+    }
+}
+
+#[cfg(test)]
+impl Source for ElementSource<'_> {
+    fn name(&self) -> Option<&str> {
+        Some(self.el.name())
+    }
+
+    fn xmlns(&self) -> Option<&str> {
+        Some(&self.ns)
+    }
+
+    fn attrs(&self, mut f: impl FnMut(&str, &str)) {
+        for ((ans, name), value) in self.el.attrs().iter() {
+            if *ans == Namespace::NONE {
+                f(name, value);
+            } else if *ans == Namespace::XML {
+                f(&format!("xml:{name}"), value);
+            } else {
+                f(&format!("{}\u{1}{name}", ans.as_str()), value);
+            }
+        }
+    }
+
+    fn has_nodes(&self) -> bool {
+        self.el.nodes().next().is_some()
+    }
+
+    fn nodes(&self, mut f: impl FnMut(Child<'_, Self>) -> Option<()>) -> Option<()> {
+        for node in self.el.nodes() {
+            match node {
+                Node::Text(text) => f(Child::Text(text))?,
+                Node::Element(child) => f(Child::Element(ElementSource::new(child)))?,
+            }
+        }
+        Some(())
+    }
+}
+
+/// Builds a `minidom::Element` from kept text (tests).
+#[cfg(test)]
+#[derive(Default)]
+pub(crate) struct ElementSink {
+    /// The child nodes of each element being read, innermost last.
+    open: Vec<Vec<Node>>,
+    done: Option<Element>,
+}
+
+#[cfg(test)]
+impl ElementSink {
+    pub(crate) fn into_element(self) -> Option<Element> {
+        self.done
+    }
+}
+
+#[cfg(test)]
+impl Sink for ElementSink {
+    fn start(&mut self) {
+        self.open.push(Vec::new());
+    }
+
+    fn text(&mut self, text: &str) -> Option<()> {
+        self.open.last_mut()?.push(Node::Text(text.to_owned()));
+        Some(())
+    }
+
+    fn added(&mut self, el: Element, _parent_ns: &str) {
+        if let Some(nodes) = self.open.last_mut() {
+            nodes.push(Node::Element(el));
+        }
+    }
+
+    fn drop_last(&mut self) {
+        if let Some(nodes) = self.open.last_mut() {
+            nodes.pop();
+        }
+    }
+
+    fn end(&mut self, ended: &Ended<'_>) -> Option<()> {
+        let nodes = self.open.pop()?;
+        if ended.name.contains(':') {
+            return None;
+        }
+        let mut el = Element::builder(ended.name, ended.ns)
+            .append_all(nodes)
+            .build();
+        for (key, value) in ended.attrs() {
+            let (ns, name) = match key {
+                AttrName::Plain(key) => match key.split_once(':') {
+                    Some(("xml", local)) => (Namespace::XML, local),
+                    Some(_) => return None,
+                    None => (Namespace::NONE, key),
+                },
+                AttrName::Qualified { ns, local } => (Namespace::from(ns.to_owned()), local),
+            };
+            let name = minidom::rxml::NcName::try_from(name).ok()?;
+            el.attrs_mut().insert(ns, name, value.to_owned());
+        }
+        match self.open.last_mut() {
+            Some(parent) => parent.push(Node::Element(el)),
+            None => self.done = Some(el),
+        }
+        Some(())
+    }
+}
+
+/// Kept text as an element, changed as `edit` says.
+#[cfg(test)]
+pub(crate) fn kept_element(xml: &str, edit: Option<&Edit>) -> Option<Element> {
+    parse_kept(xml, edit, ElementSink::default())?.into_element()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::rc::Rc;
+
+    use minidom::rxml::NcName;
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::host::Out;
+
+    /// 256 cases, or `PROPTEST_CASES`; no files written on failure.
+    fn config() -> ProptestConfig {
+        ProptestConfig {
+            failure_persistence: None,
+            ..ProptestConfig::default()
+        }
+    }
+
+    const NAMESPACES: [&str; 4] = [NS_CLIENT, NS_MUC_USER, "urn:example:a", "urn:example:b&'<"];
+
+    fn serialize(el: &Element) -> Option<String> {
+        let mut out = String::new();
+        write_xml(&ElementSource::new(el), NS_CLIENT, true, 0, &mut out)?;
+        Some(out)
+    }
+
+    /// The element without its `to` (the serializer leaves the top one's out).
+    fn without_to(el: &Element) -> Element {
+        let mut el = el.clone();
+        crate::stanza::remove_attr(&mut el, "to");
+        el
+    }
+
+    fn ncname() -> impl Strategy<Value = String> {
+        "[a-wyz_][a-z0-9_.-]{0,5}"
+    }
+
+    /// Text with what needs escaping, what looks like entities, and more than ASCII.
+    fn text() -> impl Strategy<Value = String> {
+        proptest::collection::vec(
+            prop_oneof![
+                "[a-z ]{1,4}",
+                Just("&".to_owned()),
+                Just("<".to_owned()),
+                Just(">".to_owned()),
+                Just("'".to_owned()),
+                Just("\"".to_owned()),
+                Just("&amp;".to_owned()),
+                Just("&#x41;".to_owned()),
+                Just("]]>".to_owned()),
+                Just("é€😀".to_owned()),
+                Just("\t\n\r".to_owned()),
+            ],
+            1..5,
+        )
+        .prop_map(|parts| parts.concat())
+    }
+
+    fn attr_ns() -> impl Strategy<Value = Namespace<'static>> {
+        prop_oneof![
+            4 => Just(Namespace::NONE),
+            1 => Just(Namespace::XML),
+            1 => Just(Namespace::from("urn:example:attr".to_owned())),
+            1 => Just(Namespace::from("urn:example:other&'".to_owned())),
+        ]
+    }
+
+    fn attrs() -> impl Strategy<Value = Vec<(Namespace<'static>, String, String)>> {
+        proptest::collection::vec((attr_ns(), ncname(), text()), 0..4)
+    }
+
+    fn build(
+        name: &str,
+        ns: &str,
+        attrs: Vec<(Namespace<'static>, String, String)>,
+        nodes: Vec<Node>,
+    ) -> Element {
+        let mut el = Element::builder(name, ns).build();
+        for (ans, key, value) in attrs {
+            el.attrs_mut()
+                .insert(ans, NcName::try_from(key).unwrap(), value);
+        }
+        // Adjacent text is one text node, as any parser reads it.
+        for node in nodes {
+            match (node, el.nodes_mut().last()) {
+                (Node::Text(t), Some(Node::Text(last))) => last.push_str(&t),
+                (node, _) => el.append_node(node),
+            }
+        }
+        el
+    }
+
+    /// Random elements nested up to `depth` levels below the one made.
+    fn element(depth: u32) -> impl Strategy<Value = Element> {
+        let leaf = (ncname(), proptest::sample::select(&NAMESPACES[..]), attrs())
+            .prop_map(|(name, ns, attrs)| build(&name, ns, attrs, Vec::new()));
+        leaf.prop_recursive(depth, 64, 4, |inner| {
+            (
+                ncname(),
+                proptest::sample::select(&NAMESPACES[..]),
+                attrs(),
+                proptest::collection::vec(
+                    prop_oneof![inner.prop_map(Node::Element), text().prop_map(Node::Text)],
+                    0..5,
+                ),
+            )
+                .prop_map(|(name, ns, attrs, nodes)| build(&name, ns, attrs, nodes))
+        })
+    }
+
+    /// A stanza: the top element in `jabber:client`.
+    fn stanza(depth: u32) -> impl Strategy<Value = Element> {
+        (
+            proptest::sample::select(&["message", "presence", "iq"][..]),
+            attrs(),
+            proptest::collection::vec(
+                prop_oneof![
+                    element(depth).prop_map(Node::Element),
+                    text().prop_map(Node::Text)
+                ],
+                0..4,
+            ),
+        )
+            .prop_map(|(name, attrs, nodes)| build(name, NS_CLIENT, attrs, nodes))
+    }
+
+    proptest! {
+        #![proptest_config(config())]
+
+        /// What the serializer writes parses back to the same element (its `to` left out).
+        #[test]
+        fn serialized_text_parses_back(el in stanza(6)) {
+            let xml = serialize(&el).unwrap();
+            prop_assert_eq!(kept_element(&xml, None), Some(without_to(&el)), "{}", xml);
+        }
+
+        /// Text minidom itself writes (as the Rust tests keep it) parses to the same element.
+        #[test]
+        fn minidom_text_parses(el in stanza(6)) {
+            let xml = String::from(&el);
+            prop_assert_eq!(kept_element(&xml, None), Some(el), "{}", xml);
+        }
+
+        /// And minidom reads what the serializer writes as the same element.
+        #[test]
+        fn minidom_reads_serialized_text(el in stanza(6)) {
+            let xml = serialize(&el).unwrap();
+            prop_assert_eq!(xml.parse::<Element>().ok(), Some(without_to(&el)), "{}", xml);
+        }
+    }
+
+    #[test]
+    fn too_deep_is_refused() {
+        let mut el = Element::bare("leaf", "urn:example:a");
+        for _ in 0..MAX_DEPTH {
+            el = Element::builder("e", "urn:example:a").append(el).build();
+        }
+        let top = Element::builder("message", NS_CLIENT).append(el).build();
+        assert!(serialize(&top).is_none());
+        assert!(kept_element(&String::from(&top), None).is_none());
+    }
+
+    /// How the core applied an edit before the parser did (minidom's parser, then the
+    /// element changed): the model the parser's edits are checked against.
+    fn edited_by_model(xml: &str, edit: &Edit) -> Option<Element> {
+        let mut el: Element = xml.parse().ok()?;
+        if let Some(added) = edit.added_to_stanza() {
+            el.append_child(added);
+        }
+        if edit.edits_own_presence()
+            && let Some(x) = el.get_child_mut("x", NS_MUC_USER)
+        {
+            let kept: Vec<Element> = x
+                .children()
+                .filter(|c| !(c.is("status", NS_MUC_USER) && edit.drops_own_status(c.attr("code"))))
+                .map(|c| {
+                    let mut c = c.clone();
+                    if c.is("item", NS_MUC_USER)
+                        && let Some(jid) = c.attr("jid").and_then(|j| edit.own_item_jid(j))
+                    {
+                        let jid = jid.to_owned();
+                        crate::stanza::set_attr(&mut c, "jid", &jid);
+                    }
+                    c
+                })
+                .collect();
+            let mut fresh = Element::builder("x", NS_MUC_USER).build();
+            for c in kept {
+                fresh.append_child(c);
+            }
+            if let Some(added) = edit.added_to_own_presence() {
+                fresh.append_child(added);
+            }
+            *x = fresh;
+        }
+        Some(el)
+    }
+
+    fn jid() -> impl Strategy<Value = String> {
+        proptest::sample::select(
+            &[
+                "alice@example.org",
+                "alice@example.org/phone",
+                "alice@example.org/laptop",
+                "bob@example.org/phone",
+                "room@conf.example.org/alice",
+            ][..],
+        )
+        .prop_map(str::to_owned)
+    }
+
+    fn edit() -> impl Strategy<Value = Edit> {
+        let session: Rc<str> = "alice@example.org/phone".into();
+        let (a, b) = (session.clone(), session);
+        prop_oneof![
+            Just(Edit::None),
+            (0i64..2_000_000_000).prop_map(|stamp| Edit::Delay {
+                room: "room@conf.example.org".into(),
+                stamp
+            }),
+            any::<bool>().prop_map(move |nick_differs| Edit::OwnPresence {
+                nick_differs,
+                jid: a.clone()
+            }),
+            Just(Edit::OwnJid { jid: b }),
+        ]
+    }
+
+    /// A self-presence as a room sends it: one muc#user payload (statuses, items with and
+    /// without a jid) among other children.
+    fn self_presence() -> impl Strategy<Value = Element> {
+        let status =
+            proptest::sample::select(&["110", "201", "210", "100", "2010"][..]).prop_map(|code| {
+                Element::builder("status", NS_MUC_USER)
+                    .attr(crate::stanza::n("code"), code)
+                    .build()
+            });
+        let item = (proptest::option::of(jid()), attrs()).prop_map(|(jid, attrs)| {
+            let mut item = build("item", NS_MUC_USER, attrs, Vec::new());
+            if let Some(jid) = jid {
+                crate::stanza::set_attr(&mut item, "jid", &jid);
+            }
+            item
+        });
+        let payload = proptest::collection::vec(prop_oneof![status, item, element(2)], 0..5)
+            .prop_map(|children| {
+                Element::builder("x", NS_MUC_USER)
+                    .append_all(children)
+                    .build()
+            });
+        (
+            attrs(),
+            proptest::collection::vec(element(2), 0..2),
+            payload,
+            proptest::collection::vec(element(2), 0..2),
+        )
+            .prop_map(|(attrs, before, x, after)| {
+                let nodes = before
+                    .into_iter()
+                    .chain(std::iter::once(x))
+                    .chain(after)
+                    .map(Node::Element)
+                    .collect();
+                build("presence", NS_CLIENT, attrs, nodes)
+            })
+    }
+
+    proptest! {
+        #![proptest_config(config())]
+
+        /// Edits applied while parsing give what the model gives, on text from either
+        /// serializer.
+        #[test]
+        fn edits_while_parsing_match_the_model(
+            el in prop_oneof![self_presence(), stanza(3)],
+            edit in edit(),
+        ) {
+            for xml in [serialize(&el).unwrap(), String::from(&without_to(&el))] {
+                let out = Out::Kept { xml: xml.as_str().into(), edit: edit.clone() };
+                let model = edited_by_model(&xml, &edit);
+                prop_assert!(model.is_some());
+                prop_assert_eq!(&kept_element(&xml, Some(&edit)), &model, "{}", xml);
+                prop_assert_eq!(&out.to_element(), &model, "{}", xml);
+            }
+        }
     }
 }
