@@ -317,7 +317,11 @@ impl Payload for RawStanza<'_, '_> {
             return xml.clone();
         }
         let mut out = String::with_capacity(256);
-        if write_xml(self.s, self.idx, NS_CLIENT, true, 0, &mut out).is_none() {
+        let source = Table {
+            s: self.s,
+            t: self.idx,
+        };
+        if write_xml(&source, NS_CLIENT, true, 0, &mut out).is_none() {
             out.clear();
         }
         let xml: Rc<str> = out.into();
