@@ -6,7 +6,8 @@
 #   make test       install what is missing, then fmt, clippy, cargo test, luacheck, busted
 #   make test-trunk build Prosody trunk into build/prosody-trunk (once), run the specs on it
 #   make trunk      only build it (then: make run PROSODY=build/prosody-trunk/prosody)
-#   make fuzz       the core's property tests with 100000 cases (a few minutes)
+#   make fuzz       the core's property tests with 100000 cases, then the bridge under
+#                   valgrind (tests/bridge.rs, spec/index_spec.lua; several minutes)
 #   make install    copy build/mod_minimix/ into $(PLUGIN_DIR)
 #   make rock       pack a binary LuaRocks rock into build/ (for prosodyctl install)
 
@@ -85,9 +86,20 @@ unit:
 
 # The core's property tests with many more cases (tests/properties.rs; `cargo test` runs
 # 2000). FUZZ_CASES=… to change; MINIMIX_KNOWN_BUGS=all also generates known-bug inputs.
+# Then what drives the bridge's C API without a server runs once under valgrind's memcheck
+# and fails on any error it reports (invalid reads and writes, uses of uninitialised
+# memory, bad frees, and memory definitely or indirectly lost at exit): the Rust bridge
+# tests (tests/bridge.rs, cargo's runner set to valgrind) and spec/index_spec.lua with the
+# built minimix.so (busted in the same process: --ignore-lua keeps it from re-executing
+# itself). spec/valgrind.supp holds what is not ours, each entry saying why.
 FUZZ_CASES ?= 100000
-fuzz:
+VALGRIND ?= valgrind --quiet --error-exitcode=99 --leak-check=full \
+	--show-leak-kinds=definite,indirect --errors-for-leak-kinds=definite,indirect \
+	--keep-debuginfo=yes --suppressions=spec/valgrind.supp
+fuzz: deps build
 	PROPTEST_CASES=$(FUZZ_CASES) $(CARGO) test --release --test properties -- --nocapture
+	$(CARGO) test --test bridge --config "target.'cfg(all())'.runner = '$(VALGRIND)'"
+	$(VALGRIND) $(LUA) $$(command -v busted) --ignore-lua spec/index_spec.lua
 
 spec: build
 	PROSODY=$(PROSODY) PROSODY_012=$$(scripts/prosody-0.12.sh) $(BUSTED) spec

@@ -4,7 +4,7 @@
 # lua-unbound (Prosody's DNS resolver; without it Prosody prints a warning at every start),
 # and what building Prosody trunk from source needs (make test-trunk): a C compiler, the
 # ICU and OpenSSL headers (its ./configure uses ICU for IDNA unless told otherwise),
-# lua-expat, lua-filesystem, lua-socket and lua-sec.
+# lua-expat, lua-filesystem, lua-socket and lua-sec; valgrind (make fuzz).
 # Quick and silent when everything is there.
 # The backports source is derived from the machine's own apt sources, so no
 # mirror host name is written here.
@@ -20,6 +20,7 @@ command -v luacheck >/dev/null 2>&1 || need+=(lua-check)
 command -v luarocks >/dev/null 2>&1 || need+=(luarocks)
 command -v cc >/dev/null 2>&1 || need+=(gcc)
 command -v make >/dev/null 2>&1 || need+=(make)
+command -v valgrind >/dev/null 2>&1 || need+=(valgrind)
 # Libraries: ask dpkg which of these are installed, in one call.
 libs=(lua-socket lua-expat lua-filesystem lua-sec lua-unbound libicu-dev libssl-dev libc6-dev)
 have=" $(dpkg-query -W -f='${Package} ${db:Status-Abbrev}\n' "${libs[@]}" 2>/dev/null | awk '$2 == "ii" { printf "%s ", $1 }' || true)"
