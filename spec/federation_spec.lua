@@ -9,6 +9,7 @@
 local Server = require "spec.helpers.server"
 local Client = require "spec.helpers.client"
 local muc = require "spec.helpers.muc"
+local quiet_presence = require "spec.helpers.quiet"
 local st = Client.stanza
 
 local HOME, REMOTE = "localhost", "remote.localhost"
@@ -562,6 +563,14 @@ describe("federation", function()
 		end)
 
 		-- Last: restarts the home server.
+		it("quiet presence: the remote room hears nothing of alice's clients coming and going", function()
+			quiet_presence{
+				home = home, rooms = remote, room = "quiet@" .. RMUC, connect = connect,
+				check = function(want, got, what) assert.equal(want, got, what) end,
+				truthy = function(v, what) assert.truthy(v, what) end,
+			}
+		end)
+
 		it("home-server restart: the membership is kept and the account rejoins the remote room", function()
 			local ROOM = "restart@" .. RMUC
 			local bob, phone = connect(remote, "bob", "pc"), connect(home, "alice", "phone")

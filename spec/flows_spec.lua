@@ -5,6 +5,7 @@
 local Server = require "spec.helpers.server"
 local Client = require "spec.helpers.client"
 local muc = require "spec.helpers.muc"
+local quiet_presence = require "spec.helpers.quiet"
 local st = Client.stanza
 
 local MUC = "conference.localhost"
@@ -562,6 +563,22 @@ describe("mod_minimix", function()
 			assert.equal(0, count(bob.log, from_room(ROOM)))
 			-- The refusal did not cost phone its membership.
 			say(bob, ROOM, "still here?", { phone })
+		end)
+
+		it("leaves no errors in the log", function() no_tracebacks(srv)() end)
+	end)
+
+	describe("flow 8: quiet presence", function()
+		local srv
+		setup(function() srv = start() end)
+		teardown(function() srv:destroy() end)
+
+		it("other occupants hear nothing of alice's clients coming and going; each visible change once", function()
+			quiet_presence{
+				home = srv, rooms = srv, room = "quiet@" .. MUC, connect = connect,
+				check = function(want, got, what) assert.equal(want, got, what) end,
+				truthy = function(v, what) assert.truthy(v, what) end,
+			}
 		end)
 
 		it("leaves no errors in the log", function() no_tracebacks(srv)() end)

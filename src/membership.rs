@@ -5,7 +5,7 @@ use std::rc::Rc;
 
 use crate::history::RoomHistory;
 use crate::occupants::OccupantCache;
-use crate::presence::SessionPresence;
+use crate::presence::{SessionPresence, Visible};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Phase {
@@ -50,8 +50,8 @@ pub struct Membership {
     pub subject: Option<Rc<str>>,
     /// The room's password, as the first join gave it (for rejoins after a restart).
     pub password: Option<String>,
-    /// What the room was last told of the account's presence (reduced form).
-    pub shown: Option<Rc<str>>,
+    /// What other occupants see of the account's presence, as the room was last told it.
+    pub shown: Option<Visible>,
     /// The join was made by the module (after a restart, for a bookmark), not a session.
     pub made_by_module: bool,
     /// The room confirmed the account as an occupant (a self-presence, 110) at least once.

@@ -290,6 +290,196 @@ fn leaving_or_ending_the_most_available_session_updates_the_room() {
     assert_eq!(w.room_sees.as_deref(), Some("away/"));
 }
 
+/// A client's entity capabilities (XEP-0115), as each client sends them.
+fn caps(client: &str) -> String {
+    format!(
+        "<c xmlns='http://jabber.org/protocol/caps' hash='sha-1' node='https://{client}.example' ver='{client}='/>"
+    )
+}
+
+/// A join to R/Al from a client with its own caps and `extra` payload.
+fn join_with(client: &str, extra: &str) -> String {
+    format!(
+        "<presence to='$R/Al' id='join-{client}'><x xmlns='$MUC'/>{extra}{}</presence>",
+        caps(client)
+    )
+}
+
+/// A presence update to R/Al with `payload` and the client's caps.
+fn update_with(client: &str, payload: &str) -> String {
+    format!("<presence to='$R/Al'>{payload}{}</presence>", caps(client))
+}
+
+/// The room's update is the aggregate as the session sent it, caps included.
+fn caps_node(e: &Element) -> Option<String> {
+    e.get_child("c", "http://jabber.org/protocol/caps")
+        .and_then(|c| c.attr("node"))
+        .map(str::to_owned)
+}
+
+/// SPEC flow 8 (issue 14, item 5): other clients of the account joining and leaving with
+/// their own caps change nothing other occupants see, so the room hears nothing; a change
+/// of what they see reaches it once, carrying the aggregate as the session sent it.
+#[test]
+fn clients_coming_and_going_with_their_own_caps_leave_the_room_quiet() {
+    let mut w = World::new();
+    let s = w.session("phone", &join_with("phone", ""));
+    assert_eq!(s.acts, ["send presence to=R/Al id=join-phone muc"]);
+    w.room(&occupant("bob"));
+    w.room(&self_presence("Al", &[110]));
+    w.room(&subject("Topic"));
+    // laptop and tablet join (each the latest on a tie, so each the aggregate in turn).
+    for client in ["laptop", "tablet"] {
+        let s = w.session(client, &join_with(client, ""));
+        assert!(s.sent().is_empty(), "{client} joins: {:?}", s.acts);
+        assert_eq!(s.delivered_acts().len(), 3, "{:?}", s.acts);
+    }
+    // A client's new caps (an upgrade, a feature switched on), a broadcast with them.
+    assert!(w.session("tablet", &update_with("tablet2", "")).swallowed());
+    assert!(w.broadcast("laptop", "", "").acts.is_empty());
+    let b = format!("<presence>{}</presence>", caps("laptop2"));
+    assert!(w.session("laptop", &b).acts.is_empty());
+    // They leave, and end; phone rejoins after a reconnect with other caps.
+    let s = w.session("tablet", "<presence type='unavailable' to='$R/Al'/>");
+    assert_eq!(
+        s.acts,
+        ["tablet <- presence unavailable from=R/Al role=none 110"]
+    );
+    assert!(w.end("laptop").acts.is_empty());
+    assert!(w.end("phone").acts.is_empty());
+    let s = w.session("phone", &join_with("phone2", ""));
+    assert!(s.sent().is_empty(), "{:?}", s.acts);
+    // laptop joins away: the room learns nothing (phone is more available); then phone
+    // goes away too, so the latest away (phone's) is what the room sees, with its caps.
+    let s = w.session("laptop", &join_with("laptop", "<show>away</show>"));
+    assert!(s.sent().is_empty(), "{:?}", s.acts);
+    let s = w.session("phone", &update_with("phone2", "<show>away</show>"));
+    assert_eq!(s.acts, ["send presence to=R/Al show=away"]);
+    assert_eq!(
+        caps_node(s.sent()[0]).as_deref(),
+        Some("https://phone2.example")
+    );
+    assert!(has_no_muc_payload(s.sent()[0]));
+    // A status reaches the room once; the same again, or with a priority, does not.
+    let status = "<show>away</show><status>lunch</status>";
+    let s = w.session("phone", &update_with("phone2", status));
+    assert_eq!(s.acts, ["send presence to=R/Al show=away status=lunch"]);
+    assert!(
+        w.session("phone", &update_with("phone3", status))
+            .swallowed()
+    );
+    let with_priority = format!("{status}<priority>5</priority>");
+    assert!(
+        w.session("phone", &update_with("phone2", &with_priority))
+            .swallowed()
+    );
+}
+
+/// SPEC flow 8: what other occupants see, besides show and status (README, "Presence in
+/// the room"): the avatar hash, a status in another language, idle time, a XEP-0172 nick.
+#[test]
+fn avatar_hash_idle_nick_and_each_status_language_are_seen() {
+    let photo = |hash: &str| format!("<x xmlns='vcard-temp:x:update'><photo>{hash}</photo></x>");
+    let mut w = joined_twice();
+    let s = w.session("phone", &update_with("phone", &photo("abc")));
+    assert_eq!(s.acts, ["send presence to=R/Al"]);
+    assert!(s.sent()[0].has_child("x", "vcard-temp:x:update"));
+    assert!(
+        w.session("phone", &update_with("phone", &photo("abc")))
+            .swallowed()
+    );
+    // laptop (the latest on a tie) says nothing of an avatar: occupants keep abc.
+    assert!(w.session("laptop", &update_with("laptop", "")).swallowed());
+    let not_ready = "<x xmlns='vcard-temp:x:update'/>";
+    assert!(
+        w.session("laptop", &update_with("laptop", not_ready))
+            .swallowed()
+    );
+    assert!(
+        w.session("laptop", &update_with("laptop", &photo("abc")))
+            .swallowed()
+    );
+    // A new hash, and an empty one (the avatar removed), are seen.
+    let s = w.session("laptop", &update_with("laptop", &photo("def")));
+    assert_eq!(s.acts, ["send presence to=R/Al"]);
+    assert_eq!(
+        w.session("laptop", &update_with("laptop", &photo("")))
+            .acts
+            .len(),
+        1
+    );
+    assert!(
+        w.session("phone", &update_with("phone", &photo("")))
+            .swallowed()
+    );
+
+    let mut w = joined();
+    for (payload, seen) in [
+        ("<status>hi</status>", true),
+        (
+            "<status>hi</status><status xml:lang='de'>hallo</status>",
+            true,
+        ),
+        (
+            "<status>hi</status><status xml:lang='fr'>hallo</status>",
+            true,
+        ),
+        (
+            "<status>hi</status><status xml:lang='fr'>hallo</status>",
+            false,
+        ),
+        (
+            "<idle xmlns='urn:xmpp:idle:1' since='2027-01-15T07:00:00Z'/>",
+            true,
+        ),
+        (
+            "<idle xmlns='urn:xmpp:idle:1' since='2027-01-15T07:00:00Z'/>",
+            false,
+        ),
+        (
+            "<idle xmlns='urn:xmpp:idle:1' since='2027-01-15T07:30:00Z'/>",
+            true,
+        ),
+        ("", true),
+        (
+            "<nick xmlns='http://jabber.org/protocol/nick'>Alice</nick>",
+            true,
+        ),
+        (
+            "<nick xmlns='http://jabber.org/protocol/nick'>Alice</nick><delay xmlns='urn:xmpp:delay' stamp='2027-01-15T07:00:00Z'/>",
+            false,
+        ),
+    ] {
+        let s = w.session("phone", &update_with("phone", payload));
+        assert_eq!(s.sent().len(), usize::from(seen), "{payload}: {:?}", s.acts);
+    }
+}
+
+/// SPEC flows 8 and 14: after a nick change, and after a join the module made (restart,
+/// bookmark), caps alone still make no update.
+#[test]
+fn caps_alone_make_no_update_after_a_nick_change_or_a_module_join() {
+    let mut w = joined_twice();
+    let s = w.session("phone", "<presence to='$R/Alice'/>");
+    assert_eq!(s.acts, ["send presence to=R/Alice"]);
+    w.room("<presence type='unavailable' from='$R/Al'><x xmlns='$MU'><item affiliation='member' role='participant' nick='Alice'/><status code='303'/><status code='110'/></x></presence>");
+    w.room(&self_presence("Alice", &[110]));
+    let s = w.session(
+        "laptop",
+        &format!("<presence to='$R/Alice'>{}</presence>", caps("laptop")),
+    );
+    assert!(s.swallowed(), "{:?}", s.acts);
+
+    let mut w = World::new();
+    w.restore(R, "Al", None);
+    w.room(&self_presence("Al", &[110]));
+    w.room(&subject("Topic"));
+    let s = w.session("phone", &join_with("phone", ""));
+    assert!(s.sent().is_empty(), "{:?}", s.acts);
+    let s = w.session("phone", &update_with("phone", "<show>dnd</show>"));
+    assert_eq!(s.acts, ["send presence to=R/Al show=dnd"]);
+}
+
 /// SPEC flow 8: the room shows the most available joined session's presence. A presence
 /// change made while the account's join is in flight must reach the room once joined.
 #[test]

@@ -18,6 +18,8 @@
 //!   left for a room after the account left it or was removed;
 //! - memory stays within the settings (occupants, history, pending IQs, rooms per account);
 //! - one account's events never change another account's memberships;
+//! - the room hears of an account's presence only when what other occupants see of it
+//!   (show, status) changes: every session presence carries caps no earlier one had;
 //! - a restart (a new `Host`, `restore` of what `persisted` said) keeps every membership.
 //!
 //! `cargo test` runs 2000 cases (about 30 s in a debug build); `make fuzz` runs 100000 in a
@@ -1392,6 +1394,12 @@ struct World {
     /// The sessions taking part in each room as the bridge's index would have them: kept
     /// only from the rooms each outcome says changed (`Outcome::changed_rooms`).
     index: BTreeMap<(String, String), Vec<Rc<str>>>,
+    /// What other occupants of each room last saw of each account's presence (show and
+    /// status texts), from the presences the core sent there.
+    room_saw: BTreeMap<(usize, Room), (Option<String>, Vec<String>)>,
+    /// Numbers the entity capabilities each session presence carries: every available
+    /// presence a session sends comes with caps no presence had before.
+    caps_seq: u64,
 }
 
 macro_rules! ensure {
@@ -1504,6 +1512,8 @@ impl World {
             touched: BTreeSet::new(),
             acts: Vec::new(),
             index: BTreeMap::new(),
+            room_saw: BTreeMap::new(),
+            caps_seq: 0,
         }
     }
 
@@ -1562,6 +1572,7 @@ impl World {
                 new_id,
             });
         }
+        self.check_quiet_presence(o, &v)?;
         if o.handled || !o.actions.is_empty() {
             self.acts
                 .push(format!("(handled={}, user={:?})", o.handled, o.user));
@@ -1581,6 +1592,59 @@ impl World {
             }
         }
         Ok(v)
+    }
+
+    /// SPEC flow 8: the room hears of the account only when what other occupants see
+    /// changes. Session presences differ in their caps every time (see `session`); an
+    /// update to the account's nick that shows what the room already shows is a broadcast
+    /// to every occupant for nothing.
+    fn check_quiet_presence(&mut self, o: &Outcome, acts: &[Act]) -> Check {
+        let Some(u) = o
+            .user
+            .as_deref()
+            .and_then(|name| USERS.iter().position(|x| *x == name))
+        else {
+            return Ok(());
+        };
+        for a in acts
+            .iter()
+            .filter(|a| a.to_session.is_none() && a.el.name() == "presence")
+        {
+            let to = a.el.attr("to").unwrap_or_default();
+            let Some(room) = Room::of_jid(to) else {
+                continue;
+            };
+            let key = (u, room);
+            match a.el.attr("type") {
+                Some("unavailable") => {
+                    self.room_saw.remove(&key);
+                }
+                Some(_) => {}
+                None => {
+                    let seen = (
+                        a.el.get_child("show", NS_CLIENT).map(Element::text),
+                        a.el.children()
+                            .filter(|c| c.is("status", NS_CLIENT))
+                            .map(Element::text)
+                            .collect(),
+                    );
+                    let update = !a.el.has_child("x", NS_MUC)
+                        && self
+                            .rooms
+                            .get(&key)
+                            .is_some_and(|m| to == format!("{}/{}", room.jid(), m.nick));
+                    ensure!(
+                        self,
+                        !update || self.room_saw.get(&key) != Some(&seen),
+                        "a presence update that changes nothing other occupants see went to \
+                         {to}: {}",
+                        describe(&a.el)
+                    );
+                    self.room_saw.insert(key, seen);
+                }
+            }
+        }
+        Ok(())
     }
 
     // -----------------------------------------------------------------------------------
@@ -2059,7 +2123,17 @@ impl World {
             ),
             1,
         );
-        let e = parse(&xml);
+        let mut e = parse(&xml);
+        if e.name() == "presence" && e.attr("type").is_none() {
+            // Each client has its own caps, and a client's caps change (an upgrade, a
+            // feature switched on): that alone must not reach the room.
+            self.caps_seq += 1;
+            let caps = format!(
+                "<c xmlns='http://jabber.org/protocol/caps' hash='sha-1' node='{}' ver='{}'/>",
+                RESOURCES[s], self.caps_seq
+            );
+            e.append_child(parse(&caps));
+        }
         let before = self.host.stats();
         let o = self
             .host

@@ -87,7 +87,7 @@ impl Host {
         m.password = password.map(str::to_owned);
         // The join carries a plain available presence: that is what the room shows until
         // a session says otherwise.
-        m.shown = presence::reduce("<presence xmlns='jabber:client'/>", 0).map(|p| p.xml);
+        m.shown = Some(presence::Visible::default());
         account.rooms.insert(room.to_owned(), m);
         out.note(match why {
             ModuleJoin::Restart => Note::RejoinsAfterRestart { user, room, nick },

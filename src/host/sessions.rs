@@ -239,7 +239,7 @@ impl Host {
             let mut m = Membership::new(room, nick, resource);
             m.password = el.join_password();
             let presence = own_presence();
-            m.shown = presence.as_ref().map(|p| p.xml.clone());
+            m.shown = presence.as_ref().map(|p| p.visible.clone());
             m.participants[0].presence = presence;
             self.accounts
                 .entry(user.to_owned())
@@ -265,7 +265,7 @@ impl Host {
                 out.participants_changed(room);
                 m.password = el.join_password();
                 let presence = own_presence();
-                m.shown = presence.as_ref().map(|p| p.xml.clone());
+                m.shown = presence.as_ref().map(|p| p.visible.clone());
                 m.participants[0].presence = presence;
                 out.note(Note::RejoinsWhileLeaving { user, room, nick });
                 out.persist = true;
@@ -282,7 +282,7 @@ impl Host {
                         if let Some(id) = head.id {
                             stanza::set_attr(&mut update, "id", id);
                         }
-                        Some((best.xml.clone(), update))
+                        Some((best.visible.after(m.shown.as_ref()), update))
                     });
                     match change {
                         Some((shown, update)) => {
