@@ -83,7 +83,7 @@ impl UserData for HostHandle {
         });
         // When the core's timers next have something to do (Unix seconds), or nil.
         methods.add_method("next_deadline", |_, this, ()| {
-            Ok(this.shared.host.borrow().next_deadline())
+            Ok(this.shared.host.borrow_mut().next_deadline())
         });
         // How many timer outcomes wait to be carried out (`control("due", …)` each).
         methods.add_method("due_count", |_, this, ()| {

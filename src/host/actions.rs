@@ -196,11 +196,19 @@ impl Host {
     }
 
     /// When [`Host::tick`] next has something to do: the first second at which a pending
-    /// IQ expires or a membership's wake time comes (a stale one may come first: that
-    /// tick does nothing); none while nothing waits. The shim runs `tick` then, or, when
-    /// this is none, `iq_timeout` seconds later (an IQ proxied in between expires after
-    /// that).
-    pub fn next_deadline(&self) -> Option<i64> {
+    /// IQ expires or a membership's wake time comes; none while nothing waits. The shim
+    /// runs `tick` then, or, when this is none, `iq_timeout` seconds later (an IQ proxied
+    /// in between expires after that). Stale timer entries at the front are dropped here.
+    pub fn next_deadline(&mut self) -> Option<i64> {
+        while let Some((at, user, room)) = self.timers.peek_entry() {
+            if self
+                .membership(user, room)
+                .is_some_and(|m| m.wake == Some(at))
+            {
+                break;
+            }
+            self.timers.pop();
+        }
         let timeout = self.config.iq_timeout;
         let iqs = self
             .accounts

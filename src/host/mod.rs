@@ -136,6 +136,16 @@ impl Timers {
         self.heap.push(Reverse((at, user.to_owned(), room)));
     }
 
+    fn peek_entry(&self) -> Option<(i64, &str, &str)> {
+        self.heap
+            .peek()
+            .map(|Reverse((at, user, room))| (*at, user.as_str(), &**room))
+    }
+
+    fn pop(&mut self) {
+        self.heap.pop();
+    }
+
     fn first(&self) -> Option<i64> {
         self.heap.peek().map(|Reverse((at, _, _))| *at)
     }
