@@ -14,7 +14,9 @@
 -- Metrics (Prosody's statistics, e.g. /metrics with mod_http_openmetrics), labelled by host;
 -- OpenMetrics names are `prosody_mod_minimix__<name>`: the gauges memberships,
 -- joined_sessions, accounts, cached_presences, cached_messages, pending_iqs, kept_bytes and
--- the counters stanzas_forked, joins_served_locally, iqs_proxied (from the core) and errors
+-- the counters stanzas_forked, joins_served_locally, iqs_proxied, iqs_expired, rejoins,
+-- rejoins_given_up, self_pings, self_pings_answered, self_pings_gone, self_pings_failed
+-- (from the core) and errors
 -- (error lines this module logs). They are read from the core when statistics are collected
 -- ("stats-update"; on every scrape with `statistics_interval = "manual"`).
 
@@ -200,6 +202,12 @@ return function (api)
 		{ "joins_served_locally", "joins_served_locally", "Joins answered without asking the room" },
 		{ "iqs_proxied", "iqs_proxied", "IQs sent to rooms from the account for a session" },
 		{ "iqs_expired", "iqs_expired", "IQs whose reply was waited for longer than minimix_iq_timeout" },
+		{ "rejoins", "rejoins", "Joins sent to bring an account back into a room (after a restart or an outage)" },
+		{ "rejoins_given_up", "rejoins_given_up", "Rooms the module stopped rejoining after minimix_rejoin_attempts" },
+		{ "self_pings", "self_pings", "Self-pings an account sent to a room no session is joined to" },
+		{ "self_pings_answered", "self_pings_answered", "Self-pings that found the account still in the room" },
+		{ "self_pings_gone", "self_pings_gone", "Self-pings that found the room had forgotten the account (it rejoins)" },
+		{ "self_pings_failed", "self_pings_failed", "Self-pings with a network error or no answer (tried again later)" },
 	};
 	local set = {};
 	for _, g in ipairs(gauges) do

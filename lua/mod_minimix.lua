@@ -60,6 +60,7 @@ end
 local OP_DELIVER, OP_SEND = minimix.ops.deliver, minimix.ops.send;
 local FLAG_PERSIST, FLAG_ARCHIVE = minimix.flags.persist, minimix.flags.archive;
 local FLAG_SEND_ORIGINAL, FLAG_ONE_SESSION = minimix.flags.send_original, minimix.flags.one_session;
+local FLAG_WARN, FLAG_SOONER_DEADLINE = minimix.flags.warn, minimix.flags.sooner_deadline;
 
 -- A setting read with its bounds; a bad value is logged and the default used instead.
 local function integer_setting(name, default, min)
@@ -81,6 +82,8 @@ local function read_config()
 		excluded_hosts = module:get_option_array("minimix_excluded_hosts", {});
 		excluded_rooms = module:get_option_array("minimix_excluded_rooms", {});
 		test_faults = module:get_option_boolean("minimix_test_faults", false);
+		self_ping_interval = integer_setting("minimix_self_ping_interval", 300, 0);
+		rejoin_attempts = integer_setting("minimix_rejoin_attempts", 8, 1);
 	};
 end
 
@@ -287,8 +290,8 @@ local function log_failure(stanza, err)
 	log_error("on %s, passing it on untouched", stanza, err);
 end
 
-local function log_notes(notes)
-	for _, note in ipairs(notes) do module:log("info", "%s", note); end
+local function log_notes(notes, level)
+	for _, note in ipairs(notes) do module:log(level, "%s", note); end
 end
 
 -- What a session sends to a room it takes part in goes out from the account. When that
@@ -317,6 +320,9 @@ local function fork(recipients, stanza)
 	end
 end
 
+-- Re-arms the core's timer when its next deadline came sooner (defined with the timer, below).
+local rearm_timers;
+
 -- Carries out what the core decided. The core answers
 -- `handled, user, actions, notes, recipients, flags`, nothing for a stanza it leaves
 -- alone, or `nil, message` when it failed (see src/bridge/reply.rs, Reply). Any failure is
@@ -327,8 +333,9 @@ local function finish(stanza, ok, handled, user, actions, notes, recipients, fla
 		if not ok or user then log_failure(stanza, not ok and handled or user); end
 		return nil;
 	end
-	if notes then log_notes(notes); end
+	if notes then log_notes(notes, flags & FLAG_WARN ~= 0 and "warn" or "info"); end
 	if flags ~= 0 then
+		if flags & FLAG_SOONER_DEADLINE ~= 0 then rearm_timers(); end
 		if flags & FLAG_PERSIST ~= 0 then persist(user); end
 		if flags & FLAG_ARCHIVE ~= 0 then
 			local done, copy = pcall(archived_copy, user, stanza);
@@ -552,10 +559,15 @@ prosody.started:next(function ()
 end);
 
 -- The core's timers (Host::tick): an IQ reply waited for longer than minimix_iq_timeout is
--- forgotten, so that a late one reaches no session. Run when the core says something is
--- due, else every minimix_iq_timeout seconds (an IQ proxied meanwhile is due after that).
-local function run_timers()
-	act("tick", host);
+-- forgotten, so that a late one reaches no session; the account self-pings the rooms no
+-- session is joined to and rejoins those it is out of after an outage (README, Outages).
+-- What they make due is carried out one outcome at a time, like any other event's. Run
+-- when the core says something is due, else every minimix_iq_timeout seconds (an IQ
+-- proxied meanwhile is due after that).
+-- The timer, the time (os.time) it is armed for, and whether it is running (it then arms
+-- itself again when done).
+local timer, armed_for, ticking;
+local function next_run()
 	local ok, deadline = pcall(core.next_deadline, core);
 	if not ok then
 		log_error("reading its timers (%s)", nil, deadline);
@@ -564,7 +576,28 @@ local function run_timers()
 	end
 	return config.iq_timeout;
 end
-module:add_timer(config.iq_timeout, run_timers);
+local function run_timers()
+	ticking = true;
+	act("tick", host);
+	local counted, queued = pcall(core.due_count, core);
+	for _ = 1, counted and queued or 0 do
+		act("due", host);
+	end
+	ticking = false;
+	local delay = next_run();
+	armed_for = os.time() + delay;
+	return delay;
+end
+function rearm_timers()
+	if ticking then return; end
+	local delay = next_run();
+	if armed_for and os.time() + delay >= armed_for then return; end
+	if timer then timer:stop(); end
+	armed_for = os.time() + delay;
+	timer = module:add_timer(delay, run_timers);
+end
+armed_for = os.time() + config.iq_timeout;
+timer = module:add_timer(config.iq_timeout, run_timers);
 
 module:log("info", "mod_minimix %s loaded", minimix.version);
 

@@ -40,6 +40,14 @@ fn config_from_lua(t: &Table) -> LuaResult<Config> {
     c.excluded_hosts = list("excluded_hosts")?;
     c.excluded_rooms = list("excluded_rooms")?;
     c.test_faults = t.raw_get::<Option<bool>>("test_faults")?.unwrap_or(false);
+    c.self_ping_interval = t
+        .raw_get::<Option<i64>>("self_ping_interval")?
+        .map_or(c.self_ping_interval, |v| v.max(0));
+    c.rejoin_attempts = t
+        .raw_get::<Option<i64>>("rejoin_attempts")?
+        .map_or(c.rejoin_attempts, |v| {
+            u32::try_from(v.max(1)).unwrap_or(u32::MAX)
+        });
     Ok(c)
 }
 
@@ -75,7 +83,11 @@ impl UserData for HostHandle {
         });
         // When the core's timers next have something to do (Unix seconds), or nil.
         methods.add_method("next_deadline", |_, this, ()| {
-            Ok(this.shared.host.borrow().next_deadline())
+            Ok(this.shared.host.borrow_mut().next_deadline())
+        });
+        // How many timer outcomes wait to be carried out (`control("due", …)` each).
+        methods.add_method("due_count", |_, this, ()| {
+            Ok(this.shared.due.borrow().len())
         });
         methods.add_method("stats", |lua, this, ()| {
             let s = this.shared.host.borrow().stats();
@@ -91,6 +103,12 @@ impl UserData for HostHandle {
             t.raw_set("joins_served_locally", s.joins_served_locally)?;
             t.raw_set("iqs_proxied", s.iqs_proxied)?;
             t.raw_set("iqs_expired", s.iqs_expired)?;
+            t.raw_set("rejoins", s.rejoins)?;
+            t.raw_set("rejoins_given_up", s.rejoins_given_up)?;
+            t.raw_set("self_pings", s.self_pings)?;
+            t.raw_set("self_pings_answered", s.self_pings_answered)?;
+            t.raw_set("self_pings_gone", s.self_pings_gone)?;
+            t.raw_set("self_pings_failed", s.self_pings_failed)?;
             Ok(t)
         });
     }
@@ -131,6 +149,8 @@ pub fn exports(lua: &Lua) -> LuaResult<Table> {
     flags.raw_set("archive", reply::FLAG_ARCHIVE)?;
     flags.raw_set("send_original", reply::FLAG_SEND_ORIGINAL)?;
     flags.raw_set("one_session", reply::FLAG_ONE_SESSION)?;
+    flags.raw_set("warn", reply::FLAG_WARN)?;
+    flags.raw_set("sooner_deadline", reply::FLAG_SOONER_DEADLINE)?;
     t.raw_set("flags", flags)?;
     let ops = lua.create_table()?;
     ops.raw_set("deliver", reply::OP_DELIVER)?;

@@ -14,6 +14,7 @@ pub mod join;
 pub mod membership;
 pub mod note;
 pub mod occupants;
+pub mod outage;
 pub mod outcome;
 pub mod presence;
 pub mod stanza;

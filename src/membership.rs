@@ -5,6 +5,7 @@ use std::rc::Rc;
 
 use crate::history::RoomHistory;
 use crate::occupants::OccupantCache;
+use crate::outage::{Rejoin, SelfPing};
 use crate::presence::{SessionPresence, Visible};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -56,6 +57,13 @@ pub struct Membership {
     pub made_by_module: bool,
     /// The room confirmed the account as an occupant (a self-presence, 110) at least once.
     pub confirmed: bool,
+    /// The module is bringing the account back into the room after an outage (flow 18).
+    pub rejoin: Option<Rejoin>,
+    /// The account's own self-ping of the room in flight, if any.
+    pub ping: Option<SelfPing>,
+    /// When the host's timers next look at this membership (a self-ping due, a rejoin
+    /// due, a join or a ping no longer waited for); none: nothing is due.
+    pub wake: Option<i64>,
 }
 
 impl Membership {
@@ -81,6 +89,9 @@ impl Membership {
             shown: None,
             made_by_module: false,
             confirmed: false,
+            rejoin: None,
+            ping: None,
+            wake: None,
         }
     }
 

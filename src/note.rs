@@ -75,6 +75,40 @@ pub enum Note<'a> {
     },
     /// A self-ping was answered with an error that means the account is not an occupant.
     GoneBySelfPing { user: &'a str, room: &'a str },
+    /// The account is out of a room by no one's choice (`why`: an error kick, a shutdown,
+    /// a room that forgot it): the membership stays and the module rejoins.
+    OutOfRoom {
+        user: &'a str,
+        room: &'a str,
+        why: &'a str,
+    },
+    /// The module sends join attempt `attempt` to bring the account back into a room.
+    Rejoins {
+        user: &'a str,
+        room: &'a str,
+        nick: &'a str,
+        attempt: u32,
+    },
+    /// A rejoin failed (`why`); the next attempt goes out in `next_in` seconds.
+    RejoinFailed {
+        user: &'a str,
+        room: &'a str,
+        why: &'a str,
+        next_in: i64,
+    },
+    /// Every rejoin attempt failed: the membership is kept for the next start (a warning).
+    RejoinGivenUp {
+        user: &'a str,
+        room: &'a str,
+        attempts: u32,
+    },
+    /// The account's own self-ping of a room told nothing (`why`: a network error, no
+    /// answer): it is tried again later.
+    SelfPingFailed {
+        user: &'a str,
+        room: &'a str,
+        why: &'a str,
+    },
 }
 
 impl fmt::Display for Note<'_> {
@@ -133,6 +167,37 @@ impl fmt::Display for Note<'_> {
             Note::GoneBySelfPing { user, room } => write!(
                 f,
                 "{user} is no longer in {room} (self-ping answered with an error)"
+            ),
+            Note::OutOfRoom { user, room, why } => {
+                write!(f, "{user} is out of {room} ({why}): rejoining")
+            }
+            Note::Rejoins {
+                user,
+                room,
+                nick,
+                attempt,
+            } => write!(f, "{user} rejoins {room} as {nick} (attempt {attempt})"),
+            Note::RejoinFailed {
+                user,
+                room,
+                why,
+                next_in,
+            } => write!(
+                f,
+                "{user} could not rejoin {room} ({why}): next attempt in {next_in} s"
+            ),
+            Note::RejoinGivenUp {
+                user,
+                room,
+                attempts,
+            } => write!(
+                f,
+                "{user} gave up rejoining {room} after {attempts} attempts: the membership is kept \
+                 for the next start"
+            ),
+            Note::SelfPingFailed { user, room, why } => write!(
+                f,
+                "{user} could not self-ping {room} ({why}): trying again later"
             ),
         }
     }
@@ -231,6 +296,51 @@ mod tests {
                     codes: &[307, 110],
                 },
                 "alice was removed from room@conference.example.com (status [307, 110])",
+            ),
+            (
+                Note::OutOfRoom {
+                    user,
+                    room,
+                    why: "error kick, status 333",
+                },
+                "alice is out of room@conference.example.com (error kick, status 333): rejoining",
+            ),
+            (
+                Note::Rejoins {
+                    user,
+                    room,
+                    nick,
+                    attempt: 2,
+                },
+                "alice rejoins room@conference.example.com as N (attempt 2)",
+            ),
+            (
+                Note::RejoinFailed {
+                    user,
+                    room,
+                    why: "remote-server-not-found",
+                    next_in: 11,
+                },
+                "alice could not rejoin room@conference.example.com (remote-server-not-found): \
+                 next attempt in 11 s",
+            ),
+            (
+                Note::RejoinGivenUp {
+                    user,
+                    room,
+                    attempts: 8,
+                },
+                "alice gave up rejoining room@conference.example.com after 8 attempts: the \
+                 membership is kept for the next start",
+            ),
+            (
+                Note::SelfPingFailed {
+                    user,
+                    room,
+                    why: "no answer",
+                },
+                "alice could not self-ping room@conference.example.com (no answer): trying \
+                 again later",
             ),
             (
                 Note::GoneBySelfPing { user, room },

@@ -131,6 +131,11 @@ pub struct Outcome {
     /// Lines worth an admin's attention (logged by the shim at info): [`Note`]s, as text
     /// (see [`Outcome::note`]).
     pub notes: Vec<String>,
+    /// The notes are warnings (logged at warn): something the admin should act on.
+    pub warn: bool,
+    /// The host's next timer deadline came sooner (set by the bridge): the shim looks at
+    /// it again and re-arms its timer.
+    pub sooner_deadline: bool,
     /// The account's memberships changed: the shim stores [`Host::persisted`](crate::host::Host::persisted) again.
     pub persist: bool,
     /// The stanza that came in is a live groupchat message for the account's own archive

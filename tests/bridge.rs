@@ -289,7 +289,12 @@ fn a_first_join_goes_out_from_the_account_and_the_answers_are_forked() {
         ":tag('status', { code = '110' }):up()",
     ));
     assert_eq!(own.count, 6);
-    assert_eq!(own.flags(), b.flag("persist") | b.flag("one_session"));
+    // (Its first self-ping check is due now, sooner than anything else: the shim's timer
+    // is re-armed.)
+    assert_eq!(
+        own.flags(),
+        b.flag("persist") | b.flag("one_session") | b.flag("sooner_deadline")
+    );
     assert_eq!(own.notes(), [format!("alice joined {ROOM} as Al")]);
     assert_eq!(own.values[4].to_string().unwrap(), "alice@localhost/phone");
     let stanzas: Vec<Value> = own.table(2).sequence_values().map(Result::unwrap).collect();

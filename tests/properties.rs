@@ -68,6 +68,8 @@ fn config() -> Config {
         excluded_hosts: vec!["irc.example.net".to_owned()],
         excluded_rooms: Vec::new(),
         test_faults: false,
+        self_ping_interval: 0,
+        rejoin_attempts: 8,
     }
 }
 
@@ -330,7 +332,7 @@ enum SelfKind {
     Joined(u8),
     /// Unavailable, 110: the answer to a leave.
     Left,
-    /// Unavailable, 110 and a removal code (307, 301, 321, 322, 332, 333).
+    /// Unavailable, 110 and a removal code (307, 301, 321, 322).
     Removed(u16),
     /// Unavailable, 110, `<destroy/>`.
     Destroyed,
@@ -1046,7 +1048,9 @@ fn room_event() -> BoxedStrategy<Ev> {
             (2, Just(SelfKind::Left).boxed()),
             (
                 1,
-                prop::sample::select(vec![307u16, 301, 321, 322, 332, 333])
+                // (332 and 333 are outages that keep the membership, which this model
+                // does not follow: tests/outage.rs covers them.)
+                prop::sample::select(vec![307u16, 301, 321, 322])
                     .prop_map(SelfKind::Removed)
                     .boxed(),
             ),

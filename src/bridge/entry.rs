@@ -57,6 +57,9 @@ pub struct Shared {
     pub(super) resync: RefCell<Vec<(String, String)>>,
     /// Entry points still alive: the last one collected frees the registry references.
     pub(super) closures: std::cell::Cell<usize>,
+    /// What the last ticks made due and the shim has not carried out yet, in order: the
+    /// shim takes them one by one (`control("due", …)`), each a reply of its own.
+    pub(super) due: RefCell<std::collections::VecDeque<Outcome>>,
 }
 
 pub(super) type Indexed = HashMap<String, HashMap<String, IndexedRoom>>;
@@ -101,6 +104,7 @@ pub(super) unsafe fn new_shared(l: *mut lua_State, host: Host, mt_index: c_int) 
             indexed: RefCell::new(HashMap::new()),
             resync: RefCell::new(Vec::new()),
             closures: std::cell::Cell::new(0),
+            due: RefCell::new(std::collections::VecDeque::new()),
         })
     }
 }
@@ -275,7 +279,8 @@ pub(super) fn with_host(
             .host
             .try_borrow_mut()
             .map_err(|_| "mod_minimix core re-entered".to_owned())?;
-        let out = f(&mut host)?;
+        let mut out = f(&mut host)?;
+        out.sooner_deadline |= host.take_sooner_deadline();
         let changes = plan_index(shared, &host, &out);
         (out, changes)
     };
@@ -365,7 +370,11 @@ pub(super) unsafe extern "C-unwind" fn session_event(l: *mut lua_State) -> c_int
 ///   "leave", user, room, reason        — make the account leave (admin)
 ///   "service", domain, is_muc          — whether a service is a MUC (learned by the shim)
 ///   "tick", host[, now]                — time passed: the core's timers (IQs no longer
-///                                        waited for); see `next_deadline` for when next
+///                                        waited for, self-pings, rejoins); what they
+///                                        make due is queued (`due_count`); see
+///                                        `next_deadline` for when next
+///   "due", host                        — the first queued timer outcome, carried out
+///                                        like any other (nothing when none is queued)
 pub(super) unsafe extern "C-unwind" fn control(l: *mut lua_State) -> c_int {
     unsafe {
         guarded(l, |s, shared| {
@@ -390,17 +399,10 @@ pub(super) unsafe extern "C-unwind" fn control(l: *mut lua_State) -> c_int {
                     }
                     ("tick", _) => {
                         let outcomes = host.tick(now_at(s, 3));
-                        // Timers only forget things today (expired IQs: Prosody sends a
-                        // client nothing for an IQ nobody answered either). A timer that
-                        // acts needs its outcomes carried out one by one: say so loudly.
-                        if !outcomes.is_empty() {
-                            return Err(format!(
-                                "control: {} timer outcome(s) left undone",
-                                outcomes.len()
-                            ));
-                        }
+                        shared.due.borrow_mut().extend(outcomes);
                         Outcome::default()
                     }
+                    ("due", _) => shared.due.borrow_mut().pop_front().unwrap_or_default(),
                     _ => return Err(format!("control: unknown operation {op}")),
                 })
             })

@@ -20,6 +20,10 @@ pub(crate) const FLAG_SEND_ORIGINAL: ffi::lua_Integer = 4;
 /// `actions` is a plain list of stanzas, all for the one session whose full JID is in
 /// `recipients` (a later join served locally).
 pub(crate) const FLAG_ONE_SESSION: ffi::lua_Integer = 8;
+/// The notes are warnings: the shim logs them at `warn`, not `info`.
+pub(crate) const FLAG_WARN: ffi::lua_Integer = 16;
+/// The core's next timer deadline came sooner: the shim re-arms its timer.
+pub(crate) const FLAG_SOONER_DEADLINE: ffi::lua_Integer = 32;
 
 /// The op of an action quadruple: deliver to a session, or send from the account.
 pub(crate) const OP_DELIVER: i64 = 1;
@@ -78,8 +82,14 @@ pub(crate) fn reply_of<'o>(
     domain: &str,
     kept_list: impl FnOnce(&str, &str, usize) -> Option<c_int>,
 ) -> Reply<'o> {
-    let flags =
-        if out.persist { FLAG_PERSIST } else { 0 } | if out.archive { FLAG_ARCHIVE } else { 0 };
+    let flags = if out.persist { FLAG_PERSIST } else { 0 }
+        | if out.archive { FLAG_ARCHIVE } else { 0 }
+        | if out.warn { FLAG_WARN } else { 0 }
+        | if out.sooner_deadline {
+            FLAG_SOONER_DEADLINE
+        } else {
+            0
+        };
     let reply = |flags, body| Reply {
         handled: out.handled,
         user: out.user.as_deref(),
@@ -87,7 +97,12 @@ pub(crate) fn reply_of<'o>(
         flags,
         body,
     };
-    if !out.handled && out.notes.is_empty() && out.actions.is_empty() && !out.persist {
+    if !out.handled
+        && out.notes.is_empty()
+        && out.actions.is_empty()
+        && !out.persist
+        && !out.sooner_deadline
+    {
         return reply(0, Body::Pass);
     }
     // What a joined session sends to its room: the stanza that came in, sent from the

@@ -1,9 +1,11 @@
 //! What the module does on its own: rejoin after a restart, follow bookmarks, leave when
 //! an admin asks, and what is due when time passes (timers as events).
 
+use super::outage::{module_join, wake};
 use super::{Host, drop_empty};
 use crate::membership::{Membership, Phase};
 use crate::note::Note;
+use crate::outage::Rejoin;
 use crate::outcome::{Action, Out, Outcome};
 use crate::presence;
 use crate::stanza::Addr;
@@ -16,7 +18,8 @@ enum ModuleJoin {
 }
 
 impl Host {
-    /// Rejoin a stored membership after a restart, with no session and no history.
+    /// Rejoin a stored membership after a restart, with no session and no history. A join
+    /// the room's server cannot take now is tried again with backoff (flow 18).
     pub fn restore(
         &mut self,
         user: &str,
@@ -85,9 +88,16 @@ impl Host {
         let mut m = Membership::without_sessions(room, nick);
         m.made_by_module = true;
         m.password = password.map(str::to_owned);
-        // The join carries a plain available presence: that is what the room shows until
-        // a session says otherwise.
-        m.shown = Some(presence::Visible::default());
+        let join = module_join(&mut m);
+        if let ModuleJoin::Restart = why {
+            // No clock comes with this event: the join is waited for from the next tick.
+            m.rejoin = Some(Rejoin::InFlight {
+                attempt: 1,
+                sent: None,
+            });
+            wake(&mut self.timers, user, &mut m, 0);
+            self.counters.rejoins += 1;
+        }
         account.rooms.insert(room.to_owned(), m);
         out.note(match why {
             ModuleJoin::Restart => Note::RejoinsAfterRestart { user, room, nick },
@@ -95,7 +105,7 @@ impl Host {
         });
         out.persist = true;
         out.actions.push(Action::Send {
-            stanza: Out::New(presence::join_for_room(room, nick, password)),
+            stanza: Out::New(join),
         });
         out
     }
@@ -109,6 +119,18 @@ impl Host {
             return Outcome::pass();
         }
         let mut out = Outcome::handled(user);
+        if m.rejoin.is_some_and(Rejoin::waiting) {
+            // Out of the room after an outage, with no join on its way: nothing to tell
+            // the room, and no session takes part.
+            if let Some(account) = self.accounts.get_mut(user) {
+                account.rooms.remove(room);
+            }
+            drop_empty(&mut self.accounts, user);
+            out.participants_changed(room);
+            out.note(Note::Leaves { user, room, why });
+            out.persist = true;
+            return out;
+        }
         m.phase = Phase::Leaving;
         let resources: Vec<String> = m.recipients().map(str::to_owned).collect();
         m.participants.clear();
@@ -127,12 +149,18 @@ impl Host {
     }
 
     /// Time passed: do what is due at `now` (Unix seconds, the clock the other events
-    /// carry). Today that is dropping the proxied IQs whose reply has been waited for
-    /// longer than `iq_timeout`, so that a reply coming later is not routed to the session
-    /// any more (it passes on, and Prosody discards a reply nobody waits for). The asking
-    /// session is told nothing, as Prosody tells a client nothing when an IQ it routed
-    /// goes unanswered. Returns one outcome per account with something to carry out
-    /// (none today: expiry sends nothing); the shim handles each as it would any other.
+    /// carry). That is:
+    /// - dropping the proxied IQs whose reply has been waited for longer than
+    ///   `iq_timeout`, so that a reply coming later is not routed to the session any more
+    ///   (it passes on, and Prosody discards a reply nobody waits for). The asking session
+    ///   is told nothing, as Prosody tells a client nothing when an IQ it routed goes
+    ///   unanswered;
+    /// - what is due for memberships (flow 18): the account's self-pings of rooms no
+    ///   session is joined to, rejoins after an outage, and the pings and joins that were
+    ///   not answered in time.
+    ///
+    /// Returns the outcomes to carry out, in order (several may be for one account); the
+    /// shim handles each as it would any other.
     pub fn tick(&mut self, now: i64) -> Vec<Outcome> {
         let timeout = self.config.iq_timeout;
         let mut expired = 0;
@@ -150,17 +178,47 @@ impl Host {
             drop_empty(&mut self.accounts, &user);
         }
         self.counters.iqs_expired += expired as u64;
-        Vec::new()
+        // What is due for memberships. Taken off first: what they schedule anew is for a
+        // later tick.
+        let due = self.timers.take_due(now);
+        let mut outcomes = Vec::new();
+        for (at, user, room) in due {
+            // Only the membership's current wake time counts; the rest are stale.
+            if self
+                .membership(&user, &room)
+                .is_some_and(|m| m.wake == Some(at))
+                && let Some(out) = self.due(&user, &room, now)
+            {
+                outcomes.push(out);
+            }
+        }
+        outcomes
     }
 
     /// When [`Host::tick`] next has something to do: the first second at which a pending
-    /// IQ expires; none while nothing waits. The shim runs `tick` then, or, when this is
-    /// none, `iq_timeout` seconds later (an IQ proxied in between expires after that).
-    pub fn next_deadline(&self) -> Option<i64> {
+    /// IQ expires or a membership's wake time comes; none while nothing waits. The shim
+    /// runs `tick` then, or, when this is none, `iq_timeout` seconds later (an IQ proxied
+    /// in between expires after that). Stale timer entries at the front are dropped here.
+    pub fn next_deadline(&mut self) -> Option<i64> {
+        while let Some((at, user, room)) = self.timers.peek_entry() {
+            if self
+                .membership(user, room)
+                .is_some_and(|m| m.wake == Some(at))
+            {
+                break;
+            }
+            self.timers.pop();
+        }
         let timeout = self.config.iq_timeout;
-        self.accounts
+        let iqs = self
+            .accounts
             .values()
             .filter_map(|a| a.iqs.next_expiry(timeout))
-            .min()
+            .min();
+        let memberships = self.timers.first();
+        match (iqs, memberships) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 }

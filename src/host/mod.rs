@@ -6,10 +6,12 @@
 //! admin leaves, timers: [`actions`]).
 
 mod actions;
+mod outage;
 mod rooms;
 mod sessions;
 
-use std::collections::{HashMap, HashSet};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, HashSet};
 
 use std::rc::Rc;
 
@@ -36,6 +38,12 @@ pub struct Config {
     pub excluded_rooms: Vec<String>,
     /// Honour test-fault payloads (for the specs that prove failures are contained).
     pub test_faults: bool,
+    /// Seconds between the account's self-pings of a room while no session is joined to
+    /// it (0: never); a ping and a rejoin are waited for `iq_timeout` seconds.
+    pub self_ping_interval: i64,
+    /// Joins the module tries to bring the account back into a room after an outage
+    /// before it gives up until the next start.
+    pub rejoin_attempts: u32,
 }
 
 impl Default for Config {
@@ -49,6 +57,8 @@ impl Default for Config {
             excluded_hosts: Vec::new(),
             excluded_rooms: Vec::new(),
             test_faults: false,
+            self_ping_interval: 300,
+            rejoin_attempts: 8,
         }
     }
 }
@@ -76,6 +86,18 @@ pub struct Stats {
     pub iqs_proxied: u64,
     /// Proxied IQs whose reply was not waited for any longer (dropped by a tick).
     pub iqs_expired: u64,
+    /// Joins the module sent to bring the account back into a room it was in (after a
+    /// restart, an error kick, a shutdown, a room that forgot it), and the rooms it gave
+    /// up on (every attempt failed; kept for the next start).
+    pub rejoins: u64,
+    pub rejoins_given_up: u64,
+    /// The account's own self-pings sent, and how they ended: answered (still joined),
+    /// gone (the room forgot the account: rejoin), failed (network error or no answer:
+    /// try later).
+    pub self_pings: u64,
+    pub self_pings_answered: u64,
+    pub self_pings_gone: u64,
+    pub self_pings_failed: u64,
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -84,6 +106,60 @@ struct Counters {
     joins_served_locally: u64,
     iqs_proxied: u64,
     iqs_expired: u64,
+    rejoins: u64,
+    rejoins_given_up: u64,
+    self_pings: u64,
+    self_pings_answered: u64,
+    self_pings_gone: u64,
+    self_pings_failed: u64,
+}
+
+/// When the timers next look at each membership: (time, account, room), earliest first.
+/// A membership's `wake` says which entry is current; others are stale and skipped.
+#[derive(Debug, Default)]
+struct Timers {
+    heap: BinaryHeap<Reverse<(i64, String, Rc<str>)>>,
+    /// An entry came before every other since this was last taken: the host's next
+    /// deadline is sooner than the shim may have armed its timer for.
+    sooner: bool,
+}
+
+impl Timers {
+    fn push(&mut self, at: i64, user: &str, room: Rc<str>) {
+        if self
+            .heap
+            .peek()
+            .is_none_or(|Reverse((first, _, _))| at < *first)
+        {
+            self.sooner = true;
+        }
+        self.heap.push(Reverse((at, user.to_owned(), room)));
+    }
+
+    fn peek_entry(&self) -> Option<(i64, &str, &str)> {
+        self.heap
+            .peek()
+            .map(|Reverse((at, user, room))| (*at, user.as_str(), &**room))
+    }
+
+    fn pop(&mut self) {
+        self.heap.pop();
+    }
+
+    fn first(&self) -> Option<i64> {
+        self.heap.peek().map(|Reverse((at, _, _))| *at)
+    }
+
+    /// The entries due at `now`, taken off.
+    fn take_due(&mut self, now: i64) -> Vec<(i64, String, Rc<str>)> {
+        let mut due = Vec::new();
+        while self.first().is_some_and(|at| at <= now) {
+            if let Some(Reverse(entry)) = self.heap.pop() {
+                due.push(entry);
+            }
+        }
+        due
+    }
 }
 
 pub struct Host {
@@ -97,6 +173,8 @@ pub struct Host {
     /// Services known to be MUCs (local MUC components; others by disco#info), as the
     /// shim learned them: a presence without `<x/>` to one of these is a join.
     muc_services: HashSet<String>,
+    /// Memberships with something due (self-pings, rejoins), by time.
+    timers: Timers,
 }
 
 impl Host {
@@ -109,6 +187,7 @@ impl Host {
             presence_seq: 0,
             counters: Counters::default(),
             muc_services: HashSet::new(),
+            timers: Timers::default(),
         }
     }
 
@@ -211,6 +290,12 @@ impl Host {
         v
     }
 
+    /// Whether the host's next deadline came sooner since this was last asked (and the
+    /// shim should look at [`Host::next_deadline`] again).
+    pub fn take_sooner_deadline(&mut self) -> bool {
+        std::mem::take(&mut self.timers.sooner)
+    }
+
     pub fn stats(&self) -> Stats {
         let mut s = Stats {
             accounts: self.accounts.len(),
@@ -218,6 +303,12 @@ impl Host {
             joins_served_locally: self.counters.joins_served_locally,
             iqs_proxied: self.counters.iqs_proxied,
             iqs_expired: self.counters.iqs_expired,
+            rejoins: self.counters.rejoins,
+            rejoins_given_up: self.counters.rejoins_given_up,
+            self_pings: self.counters.self_pings,
+            self_pings_answered: self.counters.self_pings_answered,
+            self_pings_gone: self.counters.self_pings_gone,
+            self_pings_failed: self.counters.self_pings_failed,
             ..Stats::default()
         };
         for a in self.accounts.values() {

@@ -3,9 +3,11 @@
 
 use minidom::Element;
 
+use super::outage::in_room;
 use super::{Host, drop_empty, kept};
 use crate::membership::Phase;
 use crate::note::Note;
+use crate::outage::{Rejoin, backoff, join_error_is_transient, ping_answer, seed};
 use crate::outcome::{Action, Edit, Out, Outcome, own_copy};
 use crate::presence;
 use crate::stanza::{Addr, Head, Kind, NS_CLIENT, NS_DELAY, Payload, Status, has_status};
@@ -60,8 +62,8 @@ impl Host {
         };
         let room = Addr::bare_of(from_text);
         match head.kind {
-            Kind::Iq => self.room_iq(user, el, &head, room, from_text),
-            Kind::Presence => self.room_presence(user, el, &head, room, from.resource),
+            Kind::Iq => self.room_iq(user, el, &head, room, from_text, now),
+            Kind::Presence => self.room_presence(user, el, &head, room, from.resource, now),
             Kind::Message => self.room_message(user, el, &head, room, now),
         }
     }
@@ -73,8 +75,10 @@ impl Host {
         head: &Head,
         room: &str,
         nick: Option<&str>,
+        now: i64,
     ) -> Outcome {
         let max_occupants = self.config.max_occupants;
+        let ping_interval = self.config.self_ping_interval;
         let Some(account) = self.accounts.get_mut(user) else {
             return Outcome::pass();
         };
@@ -87,6 +91,16 @@ impl Host {
                 Phase::Joining => {
                     out.fork(m);
                     let condition = el.error_condition();
+                    let error_type = el.child_attr("error", NS_CLIENT, "type");
+                    if matches!(m.rejoin, Some(Rejoin::InFlight { .. }))
+                        && join_error_is_transient(error_type.as_deref(), condition.as_deref())
+                    {
+                        // The module's rejoin could not reach the room now: the sessions
+                        // that waited on it have the error; it is tried again later.
+                        let why = condition.unwrap_or_else(|| "error".to_owned());
+                        self.rejoin_failed(user, room, &why, now, &mut out);
+                        return out;
+                    }
                     out.note(Note::JoinFailed {
                         user,
                         room,
@@ -171,6 +185,7 @@ impl Host {
             }
             m.confirmed = true;
             m.phase = Phase::Joined;
+            in_room(&mut self.timers, ping_interval, user, m, now);
             m.mark_all_joined();
             m.nick = nick.to_owned();
             m.nick_change_by = None;
@@ -203,9 +218,26 @@ impl Host {
             }
             return out;
         }
-        // Removed by the room: kick, ban, affiliation change, members-only, shutdown,
-        // error kick or destruction. Every session learns it; nobody rejoins on its own.
+        // Removed by the room. Every session learns it. An error kick (333) or a service
+        // shutdown (332) is an outage nobody chose: the account comes back (flow 18).
         out.fork_own(m, &account_jid, &xml);
+        let outage = if has_status(&codes, &Status::ServiceErrorKick) {
+            Some("error kick, status 333")
+        } else if has_status(&codes, &Status::ServiceShutdown) {
+            Some("service shutdown, status 332")
+        } else {
+            None
+        };
+        if let Some(why) = outage {
+            m.participants.clear();
+            m.self_presence = None;
+            out.participants_changed(room);
+            let first = now + backoff(1, seed(user, room, 1));
+            self.out_of_room(user, room, why, first, now, &mut out);
+            return out;
+        }
+        // Kick, ban, affiliation change, members-only or destruction: final. Nobody
+        // rejoins on its own.
         out.note(Note::Removed {
             user,
             room,
@@ -272,6 +304,7 @@ impl Host {
         head: &Head,
         room: &str,
         from: &str,
+        now: i64,
     ) -> Outcome {
         let Some(account) = self.accounts.get_mut(user) else {
             return Outcome::pass();
@@ -279,6 +312,16 @@ impl Host {
         let mut out = Outcome::handled(user);
         match head.type_ {
             Some("result" | "error") => {
+                // The answer to the account's own self-ping: the module's alone.
+                if let Some(m) = account.rooms.get_mut(room)
+                    && let Some(id) = head.id
+                    && m.ping.as_ref().is_some_and(|p| p.id == id && p.to == from)
+                    && let Some(ping) = m.ping.take()
+                {
+                    let condition = el.error_condition();
+                    let answer = ping_answer(head.is_type("error"), condition.as_deref());
+                    return self.ping_answered(user, room, ping, answer, condition.as_deref(), now);
+                }
                 let Some(pending) = head.id.and_then(|id| account.iqs.take(id, from)) else {
                     return Outcome::pass();
                 };

@@ -9,6 +9,7 @@ use super::Host;
 use crate::iq::PendingIq;
 use crate::membership::{Membership, Phase};
 use crate::note::Note;
+use crate::outage::Rejoin;
 use crate::outcome::{Action, Edit, Out, Outcome};
 use crate::presence::{self, SessionPresence};
 use crate::stanza::{
@@ -259,6 +260,7 @@ impl Host {
         };
         let participant = m.participant(resource).map(|p| p.joined);
         let mut served_locally = false;
+        let mut rejoin_now = false;
         match (m.phase, participant) {
             (Phase::Leaving, _) => {
                 m.restart(nick, resource);
@@ -313,6 +315,9 @@ impl Host {
             }
             (Phase::Joining, _) => {
                 // The account's join is in flight: replay what arrived, the rest follows.
+                // Out of the room after an outage with no join on its way (waiting for
+                // the next attempt, or given up): the module joins at once.
+                rejoin_now = m.rejoin.is_some_and(Rejoin::waiting);
                 m.add(resource, false);
                 out.participants_changed(room);
                 m.set_presence(resource, own_presence());
@@ -329,6 +334,9 @@ impl Host {
         }
         if served_locally {
             self.counters.joins_served_locally += 1;
+        }
+        if rejoin_now {
+            self.send_rejoin(user, room, now, &mut out);
         }
         out
     }

@@ -265,6 +265,8 @@ pub struct Seen {
     pub persist: bool,
     pub archive: bool,
     pub notes: Vec<String>,
+    /// The notes are warnings.
+    pub warn: bool,
     /// `"<resource> <- <stanza>"` for a delivery, `"send <stanza>"` for the account.
     pub acts: Vec<String>,
     /// The stanzas as they leave: `Some(resource)` delivered, `None` sent by the account.
@@ -279,6 +281,7 @@ impl Seen {
             persist: o.persist,
             archive: o.archive,
             notes: o.notes.clone(),
+            warn: o.warn,
             acts: Vec::new(),
             stanzas: Vec::new(),
         };
