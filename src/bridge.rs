@@ -54,6 +54,10 @@ impl UserData for HostHandle {
             for (room, nick, password) in host.persisted(&user) {
                 let row = lua.create_table()?;
                 row.raw_set("joined", host.confirmed(&user, &room))?;
+                let got = host.received(&user, &room);
+                if !got.is_empty() {
+                    row.raw_set("got", got)?;
+                }
                 row.raw_set("room", room)?;
                 row.raw_set("nick", nick)?;
                 row.raw_set("password", password)?;
@@ -73,6 +77,26 @@ impl UserData for HostHandle {
             }
             Ok(list)
         });
+        // The accounts whose record of what they got from rooms changed since last asked:
+        // their memberships are stored again (periodically and at shutdown).
+        methods.add_method("take_unsaved", |_, this, ()| {
+            Ok(this.shared.host.borrow_mut().take_unsaved())
+        });
+        // `remember(user, room, stamp, xml)`: a message found in the account's archive at
+        // start, for the next restore of that membership. False when `xml` is no stanza.
+        methods.add_method(
+            "remember",
+            |_, this, (user, room, stamp, xml): (LuaString, LuaString, i64, LuaString)| {
+                let Ok(el) = xml.to_str()?.parse::<minidom::Element>() else {
+                    return Ok(false);
+                };
+                this.shared
+                    .host
+                    .borrow_mut()
+                    .remember(&user.to_str()?, &room.to_str()?, &el, stamp);
+                Ok(true)
+            },
+        );
         // When the core's timers next have something to do (Unix seconds), or nil.
         methods.add_method("next_deadline", |_, this, ()| {
             Ok(this.shared.host.borrow().next_deadline())
@@ -91,6 +115,9 @@ impl UserData for HostHandle {
             t.raw_set("joins_served_locally", s.joins_served_locally)?;
             t.raw_set("iqs_proxied", s.iqs_proxied)?;
             t.raw_set("iqs_expired", s.iqs_expired)?;
+            t.raw_set("rejoins", s.rejoins)?;
+            t.raw_set("replayed_new", s.replayed_new)?;
+            t.raw_set("replayed_known", s.replayed_known)?;
             Ok(t)
         });
     }

@@ -16,6 +16,7 @@ pub mod note;
 pub mod occupants;
 pub mod outcome;
 pub mod presence;
+pub mod received;
 pub mod stanza;
 pub mod time;
 

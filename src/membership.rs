@@ -6,6 +6,7 @@ use std::rc::Rc;
 use crate::history::RoomHistory;
 use crate::occupants::OccupantCache;
 use crate::presence::{SessionPresence, Visible};
+use crate::received::Received;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Phase {
@@ -25,6 +26,9 @@ pub struct Participant {
     pub joined: bool,
     /// The session's presence toward the room; none after it went unavailable.
     pub presence: Option<SessionPresence>,
+    /// The session was joined when the module's latest rejoin began: it got what the
+    /// account got, so what the room replays and the account already had is not its news.
+    pub joined_before_rejoin: bool,
 }
 
 #[derive(Debug)]
@@ -56,6 +60,14 @@ pub struct Membership {
     pub made_by_module: bool,
     /// The room confirmed the account as an occupant (a self-presence, 110) at least once.
     pub confirmed: bool,
+    /// What the account got from the room: where a rejoin asks history since, and what a
+    /// replay may bring again.
+    pub received: Received,
+    /// The module's rejoin asked for the history since the last message: until the join
+    /// answer is complete, delayed messages are the room's replay of it.
+    pub replaying: bool,
+    /// Messages of the current replay: (new, already had).
+    pub replay_counts: (u32, u32),
 }
 
 impl Membership {
@@ -69,6 +81,7 @@ impl Membership {
                 resource: first.into(),
                 joined: false,
                 presence: None,
+                joined_before_rejoin: false,
             }],
             leave_waiters: Vec::new(),
             nick_change_by: None,
@@ -81,6 +94,9 @@ impl Membership {
             shown: None,
             made_by_module: false,
             confirmed: false,
+            received: Received::default(),
+            replaying: false,
+            replay_counts: (0, 0),
         }
     }
 
@@ -108,9 +124,11 @@ impl Membership {
     pub fn restart(&mut self, nick: &str, first: &str) {
         let waiters = std::mem::take(&mut self.leave_waiters);
         let password = self.password.take();
+        let received = std::mem::take(&mut self.received);
         *self = Membership::new(&self.room.clone(), nick, first);
         self.leave_waiters = waiters;
         self.password = password;
+        self.received = received;
     }
 
     pub fn participant(&self, resource: &str) -> Option<&Participant> {
@@ -136,6 +154,7 @@ impl Membership {
                 resource: resource.into(),
                 joined,
                 presence: None,
+                joined_before_rejoin: false,
             }),
         }
     }

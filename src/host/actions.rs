@@ -1,22 +1,27 @@
 //! What the module does on its own: rejoin after a restart, follow bookmarks, leave when
 //! an admin asks, and what is due when time passes (timers as events).
 
+use minidom::Element;
+
 use super::{Host, drop_empty};
 use crate::membership::{Membership, Phase};
 use crate::note::Note;
+use crate::occupants::OccupantCache;
 use crate::outcome::{Action, Out, Outcome};
 use crate::presence;
+use crate::received::{Mark, Received};
 use crate::stanza::Addr;
 
 /// Why the module joins a room on its own.
-#[derive(Clone, Copy)]
 enum ModuleJoin {
-    Restart,
+    /// A stored membership after a start, with what the account had got from the room.
+    Restart(Received),
     Bookmark,
 }
 
 impl Host {
-    /// Rejoin a stored membership after a restart, with no session and no history.
+    /// Rejoin a stored membership after a restart, with no session. With nothing known of
+    /// what the account got from the room, the join asks for no history.
     pub fn restore(
         &mut self,
         user: &str,
@@ -24,7 +29,86 @@ impl Host {
         nick: &str,
         password: Option<&str>,
     ) -> Outcome {
-        self.join_without_session(user, room, nick, password, ModuleJoin::Restart)
+        self.restore_with(user, room, nick, password, None)
+    }
+
+    /// [`Host::restore`] with what was stored of what the account got from the room
+    /// ([`Host::received`]), and what [`Host::remember`] was told of it: the join asks for
+    /// the history since the last message (see [`Host::rejoin`]).
+    pub fn restore_with(
+        &mut self,
+        user: &str,
+        room: &str,
+        nick: &str,
+        password: Option<&str>,
+        received: Option<&str>,
+    ) -> Outcome {
+        let mut got = received.map(Received::from_text).unwrap_or_default();
+        if let Some(found) = self.remembered.remove(&(user.to_owned(), room.to_owned())) {
+            got.merge(&found);
+        }
+        self.join_without_session(user, room, nick, password, ModuleJoin::Restart(got))
+    }
+
+    /// The account got `message` from `room` before this start (the shim found it in the
+    /// account's archive, stored at `stamp`): the next [`Host::restore_with`] of that
+    /// membership knows it. Bounded as [`Received`] is, per room.
+    pub fn remember(&mut self, user: &str, room: &str, message: &Element, stamp: i64) {
+        let from = message.attr("from").unwrap_or_default();
+        let mark = Mark::of(message, from, room, stamp);
+        self.remembered
+            .entry((user.to_owned(), room.to_owned()))
+            .or_default()
+            .got(mark);
+    }
+
+    /// The module joins `room` again for a membership it holds (kept through an outage:
+    /// an error kick, a shutdown, a room that forgot the account). The same join a restart
+    /// makes: it asks for the history since the last message the account got, and what
+    /// the room replays is archived and forked once (see `Host::room_message`). The
+    /// sessions stay; the room sends its occupants again. `why` goes to the log.
+    pub fn rejoin(&mut self, user: &str, room: &str, why: &str) -> Outcome {
+        let Some(m) = self.membership_mut(user, room) else {
+            return Outcome::pass();
+        };
+        if m.phase == Phase::Leaving {
+            return Outcome::pass();
+        }
+        let mut out = Outcome::handled(user);
+        m.phase = Phase::Joining;
+        m.complete = false;
+        m.occupants = OccupantCache::default();
+        m.nick_change_by = None;
+        m.made_by_module = true;
+        m.shown = Some(presence::Visible::default());
+        out.note(Note::RejoinsAfter {
+            user,
+            room,
+            nick: &m.nick,
+            why,
+        });
+        let join = begin_rejoin(m);
+        self.counters.rejoins += 1;
+        out.actions.push(Action::Send {
+            stanza: Out::New(join),
+        });
+        out
+    }
+
+    /// What to store of what the account got from `room` (see [`Received::to_text`]);
+    /// empty when nothing.
+    pub fn received(&self, user: &str, room: &str) -> String {
+        self.membership(user, room)
+            .map(|m| m.received.to_text())
+            .unwrap_or_default()
+    }
+
+    /// The accounts whose [`Host::received`] changed since this was last asked: the shim
+    /// stores their memberships again (periodically and at shutdown, not per message).
+    pub fn take_unsaved(&mut self) -> Vec<String> {
+        let mut v: Vec<String> = self.unsaved.drain().collect();
+        v.sort();
+        v
     }
 
     /// A XEP-0402 bookmark was published (`autojoin` as it says) or retracted (false).
@@ -88,14 +172,22 @@ impl Host {
         // The join carries a plain available presence: that is what the room shows until
         // a session says otherwise.
         m.shown = Some(presence::Visible::default());
+        let join = match why {
+            ModuleJoin::Restart(received) => {
+                out.note(Note::RejoinsAfterRestart { user, room, nick });
+                m.received = received;
+                self.counters.rejoins += 1;
+                begin_rejoin(&mut m)
+            }
+            ModuleJoin::Bookmark => {
+                out.note(Note::JoinsFromBookmark { user, room, nick });
+                presence::join_for_room(room, nick, password, None)
+            }
+        };
         account.rooms.insert(room.to_owned(), m);
-        out.note(match why {
-            ModuleJoin::Restart => Note::RejoinsAfterRestart { user, room, nick },
-            ModuleJoin::Bookmark => Note::JoinsFromBookmark { user, room, nick },
-        });
         out.persist = true;
         out.actions.push(Action::Send {
-            stanza: Out::New(presence::join_for_room(room, nick, password)),
+            stanza: Out::New(join),
         });
         out
     }
@@ -163,4 +255,18 @@ impl Host {
             .filter_map(|a| a.iqs.next_expiry(timeout))
             .min()
     }
+}
+
+/// Start a rejoin made by the module: the join presence, asking for the history since the
+/// last message the account got (none when nothing is known). Until the join answer is
+/// complete, delayed messages are taken for the room's replay; the sessions joined now
+/// already have what the account had.
+fn begin_rejoin(m: &mut Membership) -> Element {
+    let since = m.received.since();
+    m.replaying = since.is_some();
+    m.replay_counts = (0, 0);
+    for p in &mut m.participants {
+        p.joined_before_rejoin = p.joined;
+    }
+    presence::join_for_room(&m.room, &m.nick, m.password.as_deref(), since)
 }

@@ -15,6 +15,7 @@ use std::rc::Rc;
 
 use crate::iq::IqProxy;
 use crate::membership::{Membership, Phase};
+use crate::received::Received;
 use crate::stanza::{Addr, Payload};
 
 pub use crate::outcome::{Action, Edit, Out, Outcome};
@@ -76,6 +77,12 @@ pub struct Stats {
     pub iqs_proxied: u64,
     /// Proxied IQs whose reply was not waited for any longer (dropped by a tick).
     pub iqs_expired: u64,
+    /// Joins the module made again for memberships it holds (after a start, an outage).
+    pub rejoins: u64,
+    /// Messages a room replayed after such a rejoin: new to the account (archived and
+    /// forked once), and already got (neither).
+    pub replayed_new: u64,
+    pub replayed_known: u64,
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -84,6 +91,9 @@ struct Counters {
     joins_served_locally: u64,
     iqs_proxied: u64,
     iqs_expired: u64,
+    rejoins: u64,
+    replayed_new: u64,
+    replayed_known: u64,
 }
 
 pub struct Host {
@@ -97,6 +107,11 @@ pub struct Host {
     /// Services known to be MUCs (local MUC components; others by disco#info), as the
     /// shim learned them: a presence without `<x/>` to one of these is a join.
     muc_services: HashSet<String>,
+    /// What the shim found in the archives at start, per (account, room), until the
+    /// membership is restored (see [`Host::remember`]).
+    remembered: HashMap<(String, String), Received>,
+    /// Accounts whose memberships' [`Received`] changed since the shim last asked.
+    unsaved: HashSet<String>,
 }
 
 impl Host {
@@ -109,6 +124,8 @@ impl Host {
             presence_seq: 0,
             counters: Counters::default(),
             muc_services: HashSet::new(),
+            remembered: HashMap::new(),
+            unsaved: HashSet::new(),
         }
     }
 
@@ -218,6 +235,9 @@ impl Host {
             joins_served_locally: self.counters.joins_served_locally,
             iqs_proxied: self.counters.iqs_proxied,
             iqs_expired: self.counters.iqs_expired,
+            rejoins: self.counters.rejoins,
+            replayed_new: self.counters.replayed_new,
+            replayed_known: self.counters.replayed_known,
             ..Stats::default()
         };
         for a in self.accounts.values() {
