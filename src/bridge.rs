@@ -90,10 +90,12 @@ impl UserData for HostHandle {
                 let Ok(el) = xml.to_str()?.parse::<minidom::Element>() else {
                     return Ok(false);
                 };
-                this.shared
-                    .host
-                    .borrow_mut()
-                    .remember(&user.to_str()?, &room.to_str()?, &el, stamp);
+                this.shared.host.borrow_mut().remember(
+                    &user.to_str()?,
+                    &room.to_str()?,
+                    &el,
+                    stamp,
+                );
                 Ok(true)
             },
         );

@@ -268,7 +268,12 @@ mod tests {
     fn stored_form_round_trips_and_survives_damage() {
         let mut r = Received::default();
         r.got(mark("bob", "a", "", 1_800_000_000));
-        r.got(mark("bob", "b", &format!("<origin-id xmlns='{NS_SID}' id='o'/>"), 1_800_000_005));
+        r.got(mark(
+            "bob",
+            "b",
+            &format!("<origin-id xmlns='{NS_SID}' id='o'/>"),
+            1_800_000_005,
+        ));
         let back = Received::from_text(&r.to_text());
         assert_eq!(back.last(), r.last());
         assert!(back.has(&mark("bob", "a", "", 1_800_000_000)));

@@ -289,8 +289,13 @@ impl Host {
                         if !m.history.contains(&mark)
                             && let Some(xml) = kept(el)
                         {
-                            m.history
-                                .push_marked(xml, Some(stamp), now, history_length, Some(mark));
+                            m.history.push_marked(
+                                xml,
+                                Some(stamp),
+                                now,
+                                history_length,
+                                Some(mark),
+                            );
                         }
                         if known {
                             // Only sessions that joined during the rejoin lack it.
@@ -312,8 +317,13 @@ impl Host {
                         // later joins, not archived (the account got it before, or it was
                         // said before the account was there).
                         if let Some(xml) = kept(el) {
-                            m.history
-                                .push_marked(xml, Some(stamp), now, history_length, Some(mark));
+                            m.history.push_marked(
+                                xml,
+                                Some(stamp),
+                                now,
+                                history_length,
+                                Some(mark),
+                            );
                         }
                     }
                 }
