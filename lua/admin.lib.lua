@@ -14,7 +14,8 @@
 -- Metrics (Prosody's statistics, e.g. /metrics with mod_http_openmetrics), labelled by host;
 -- OpenMetrics names are `prosody_mod_minimix__<name>`: the gauges memberships,
 -- joined_sessions, accounts, cached_presences, cached_messages, pending_iqs, kept_bytes and
--- the counters stanzas_forked, joins_served_locally, iqs_proxied (from the core) and errors
+-- the counters stanzas_forked, joins_served_locally, iqs_proxied, iqs_expired, rejoins,
+-- replayed_new, replayed_known (from the core) and errors
 -- (error lines this module logs). They are read from the core when statistics are collected
 -- ("stats-update"; on every scrape with `statistics_interval = "manual"`).
 
@@ -200,6 +201,9 @@ return function (api)
 		{ "joins_served_locally", "joins_served_locally", "Joins answered without asking the room" },
 		{ "iqs_proxied", "iqs_proxied", "IQs sent to rooms from the account for a session" },
 		{ "iqs_expired", "iqs_expired", "IQs whose reply was waited for longer than minimix_iq_timeout" },
+		{ "rejoins", "rejoins", "Joins made again by the module for memberships it holds (start, outage)" },
+		{ "replayed_new", "replayed_new", "Replayed messages new to the account after a rejoin (archived, forked once)" },
+		{ "replayed_known", "replayed_known", "Messages replayed after a rejoin that the account already had (dropped)" },
 	};
 	local set = {};
 	for _, g in ipairs(gauges) do

@@ -154,6 +154,9 @@ pub fn exports(lua: &Lua) -> LuaResult<Table> {
         })?,
     )?;
     t.raw_set("version", env!("CARGO_PKG_VERSION"))?;
+    // Marks kept per membership of what the account got (the most a start reads of each
+    // room from the archive after an unclean stop).
+    t.raw_set("marks_kept", crate::received::MARKS_KEPT)?;
     // The constants of the replies the hot entry points return (bridge/reply.rs, Reply).
     let flags = lua.create_table()?;
     flags.raw_set("persist", reply::FLAG_PERSIST)?;
