@@ -9,6 +9,7 @@
 local Server = require "spec.helpers.server"
 local Client = require "spec.helpers.client"
 local muc = require "spec.helpers.muc"
+local socket = require "socket"
 
 local REMOTE = "remote.localhost"
 local MAM_MUC = "conference.remote.localhost" -- with mod_muc_mam
@@ -79,6 +80,19 @@ local function stat(srv, name)
 	return tonumber(value)
 end
 
+--- Wait (up to 10 s) until alice's archive holds `body` for `room`; true if it came.
+local function wait_archived(home, room, body)
+	local reader = connect(home, "alice", "poller")
+	local deadline = socket.gettime() + 10
+	local found
+	repeat
+		found = archived(reader, room, body) > 0
+		if not found then socket.sleep(0.2) end
+	until found or socket.gettime() > deadline
+	reader:close()
+	return found
+end
+
 local function concat(...)
 	local all = {}
 	for _, list in ipairs({ ... }) do
@@ -105,21 +119,19 @@ describe("catching up after a restart of the user's own server", function()
 		assert.truthy(stored and stored:get_child("stanza-id", NS_SID), "no room stanza-id: " .. tostring(stored))
 		reader:close()
 
-		local caught = {}
-		for i, room in ipairs(rooms) do caught[i] = log_count(home, "alice caught up in " .. room .. ":") end
 		home:stop()
 		say_in(bob, rooms, meanwhile)
 		home:relaunch()
-		for i, room in ipairs(rooms) do wait_log(home, "alice caught up in " .. room .. ":", caught[i]) end
+		for _, room in ipairs(rooms) do wait_archived(home, room, meanwhile[#meanwhile] .. " in " .. room) end
+		say_in(bob, rooms, after)
+		settle(bob)
+
+		each_archived_once(home, rooms, concat(before, meanwhile, after))
 		for _, room in ipairs(rooms) do
 			-- Three new; the two from before came again (the margin) and were recognised.
 			assert.equal(1, log_count(home, "alice caught up in " .. room .. ": 3 new message(s), 2 already got"),
 				room)
 		end
-		say_in(bob, rooms, after)
-		settle(bob)
-
-		each_archived_once(home, rooms, concat(before, meanwhile, after))
 		assert.equal(2, stat(home, "rejoins"))
 		assert.equal(6, stat(home, "replayed_new"))
 		assert.equal(4, stat(home, "replayed_known"))
@@ -132,18 +144,16 @@ describe("catching up after a restart of the user's own server", function()
 		-- Killed before it stored what the account got (minimix_save_interval is 300 s).
 		home:kill9()
 		say_in(bob, rooms, meanwhile)
-		local caught = {}
-		for i, room in ipairs(rooms) do caught[i] = log_count(home, "alice caught up in " .. room .. ":") end
 		local unclean = log_count(home, "The last stop was not clean")
 		home:relaunch()
-		for i, room in ipairs(rooms) do wait_log(home, "alice caught up in " .. room .. ":", caught[i]) end
+		for _, room in ipairs(rooms) do wait_archived(home, room, meanwhile[#meanwhile] .. " in " .. room) end
+		settle(bob)
+		each_archived_once(home, rooms, concat(before, meanwhile))
 		assert.equal(unclean + 1, log_count(home, "The last stop was not clean"))
 		for _, room in ipairs(rooms) do
 			assert.equal(1, log_count(home, "alice caught up in " .. room .. ": 2 new message(s), 2 already got"),
 				room)
 		end
-		settle(bob)
-		each_archived_once(home, rooms, concat(before, meanwhile))
 	end)
 
 	it("gives a session that joins while the account rejoins each missed message once", function()
