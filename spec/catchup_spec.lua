@@ -112,7 +112,7 @@ describe("catching up after a restart of the user's own server", function()
 		local before, meanwhile, after = { "before 1", "before 2" }, { "down 1", "down 2", "down 3" }, { "after 1" }
 		local bob = before_outage(remote, home, rooms, before)
 
-		-- The room a stanza-id of its own, as the archived copies show.
+		-- The room with mod_muc_mam gives its messages a stanza-id of its own (kept in the archive).
 		local reader = connect(home, "alice", "reader")
 		local results = muc.mam_query(reader, rooms[1])
 		local stored = results[1] and results[1].message
