@@ -15,8 +15,8 @@
 -- OpenMetrics names are `prosody_mod_minimix__<name>`: the gauges memberships,
 -- joined_sessions, accounts, cached_presences, cached_messages, pending_iqs, kept_bytes and
 -- the counters stanzas_forked, joins_served_locally, iqs_proxied, iqs_expired, rejoins,
--- rejoins_given_up, self_pings, self_pings_answered, self_pings_gone, self_pings_failed
--- (from the core) and errors
+-- rejoins_given_up, self_pings, self_pings_answered, self_pings_gone, self_pings_failed,
+-- replayed_new, replayed_known (from the core) and errors
 -- (error lines this module logs). They are read from the core when statistics are collected
 -- ("stats-update"; on every scrape with `statistics_interval = "manual"`).
 
@@ -208,6 +208,8 @@ return function (api)
 		{ "self_pings_answered", "self_pings_answered", "Self-pings that found the account still in the room" },
 		{ "self_pings_gone", "self_pings_gone", "Self-pings that found the room had forgotten the account (it rejoins)" },
 		{ "self_pings_failed", "self_pings_failed", "Self-pings with a network error or no answer (tried again later)" },
+		{ "replayed_new", "replayed_new", "Replayed messages new to the account after a rejoin (archived, forked once)" },
+		{ "replayed_known", "replayed_known", "Messages replayed after a rejoin that the account already had (dropped)" },
 	};
 	local set = {};
 	for _, g in ipairs(gauges) do

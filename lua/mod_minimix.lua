@@ -157,8 +157,15 @@ local function is_muc_service(domain, callback)
 	end);
 end
 
--- Memberships survive restarts: per account, { [room] = { nick = …, password = … } }.
+-- Memberships survive restarts: per account, { [room] = { nick = …, password = …,
+-- joined = true|nil, got = … } }, `got` being what the account got from the room (the
+-- core's Received: the last message and marks of the latest ones), so that a rejoin asks
+-- for the history since then.
 local store = module:open_store("minimix");
+-- Host-wide: { running = <start time> } while the server runs, removed at a clean stop. A
+-- start that finds it knows the last stop was not clean (a crash, kill -9): what the
+-- account got since `got` was last stored is then read back from the archive.
+local state_store = module:open_store("minimix_state");
 
 local function persist(user)
 	local ok, rows = pcall(core.persisted, core, user);
@@ -169,7 +176,7 @@ local function persist(user)
 	local data;
 	for _, row in ipairs(rows) do
 		data = data or {};
-		data[row.room] = { nick = row.nick, password = row.password, joined = row.joined or nil };
+		data[row.room] = { nick = row.nick, password = row.password, joined = row.joined or nil, got = row.got };
 	end
 	local saved, err = store:set(user, data);
 	if not saved then
@@ -515,21 +522,53 @@ function module.restore(saved)
 	end
 end
 
--- After a start (not a reload), accounts rejoin the rooms they were in, asking for no
--- history. This runs once the server has started (the MUC components are there) and after
--- module.restore had its chance.
+-- What the account got from a room after the last time it was stored, read back from its
+-- archive (after an unclean stop): the newest messages with the room, for the core to
+-- recognise when the room replays them.
+local function remember_archived(user, room)
+	local archive_of = archive();
+	if not archive_of then return; end
+	local ok, err = pcall(function ()
+		local items, find_err = archive_of:find(user, { with = room, reverse = true, limit = minimix.marks_kept });
+		if not items then error(find_err or "no answer"); end
+		local unread = 0;
+		for _, item, when in items do
+			-- Stored stanzas lose the stream's namespace: give it back for the core's parser.
+			item.attr.xmlns = item.attr.xmlns or "jabber:client";
+			if not core:remember(user, room, math.floor(when or 0), tostring(item)) then
+				unread = unread + 1;
+			end
+		end
+		if unread > 0 then error(("%d archived message(s) could not be read"):format(unread)); end
+	end);
+	if not ok then
+		module:log("warn", "Could not read what %s got from %s from the archive: %s", user, room, first_line(err));
+	end
+end
+
+-- After a start (not a reload), accounts rejoin the rooms they were in, asking for the
+-- history since the last message they got (the core's restore). This runs once the
+-- server has started (the MUC components are there) and after module.restore had its
+-- chance.
 local function rejoin_stored()
 	if reloaded then return; end
 	if not store.users then
 		module:log("warn", "This storage cannot list accounts: memberships are not restored after a restart");
 		return;
 	end
+	local last_run = state_store:get(nil);
+	local unclean = type(last_run) == "table" and last_run.running ~= nil;
+	if unclean then
+		module:log("info", "The last stop was not clean: reading what accounts got from rooms back from the archive");
+	end
+	state_store:set(nil, { running = os.time() });
 	local count = 0;
 	for user in store:users() do
 		local rooms = store:get(user);
 		for room, m in pairs(rooms or {}) do
 			if m.joined then
-				act("restore", user, room, m.nick, m.password);
+				if unclean then remember_archived(user, room); end
+				act("restore", user, room, m.nick, m.password, m.got);
 				count = count + 1;
 			else
 				-- Never confirmed by the room: stored by an older version for any directed
@@ -545,7 +584,7 @@ local function rejoin_stored()
 							store:set(user, next(data) and data or nil);
 						end
 					else
-						act("restore", user, room, m.nick, m.password);
+						act("restore", user, room, m.nick, m.password, m.got);
 					end
 				end);
 			end
@@ -553,6 +592,30 @@ local function rejoin_stored()
 	end
 	if count > 0 then module:log("info", "Rejoined %d stored memberships", count); end
 end
+
+-- What accounts got from rooms is stored with their memberships every
+-- minimix_save_interval seconds (for the accounts where it changed) and at a clean stop,
+-- not per message: a crash costs a longer replay, which the core recognises.
+local save_interval = integer_setting("minimix_save_interval", 300, 1);
+
+local function save_unsaved()
+	local ok, users = pcall(core.take_unsaved, core);
+	if not ok then
+		log_error("listing what to store (%s)", nil, users);
+		return;
+	end
+	for _, user in ipairs(users) do persist(user); end
+end
+
+module:add_timer(save_interval, function ()
+	save_unsaved();
+	return save_interval;
+end);
+
+module:hook_global("server-stopping", function ()
+	save_unsaved();
+	state_store:set(nil, nil);
+end);
 
 prosody.started:next(function ()
 	module:add_timer(0, rejoin_stored);

@@ -7,10 +7,9 @@
 -- Each case ends with a client of alice's logging in and reading her MAM archive: what
 -- the room said after the account came back is there exactly once.
 --
--- Checks marked [needs issue14hist] are about messages posted while the account was out
--- of the room: they reach the archive only when the rejoin asks the room for the history
--- since the last message the account got, which is the other half of issue 14 (branch
--- issue14hist). They fail without it.
+-- Two checks are about messages posted while the account was out of the room: they reach
+-- the archive only because the rejoin asks the room for the history since the last
+-- message the account got.
 local Server = require "spec.helpers.server"
 local Client = require "spec.helpers.client"
 local muc = require "spec.helpers.muc"
@@ -163,7 +162,7 @@ describe("outages", function()
 		assert.equal(1, archived(laptop, KICKED, "after the rejoin"))
 	end)
 
-	it("[needs issue14hist] an error kick: what was said while the account was out is archived once", function()
+	it("an error kick: what was said while the account was out is archived once", function()
 		local laptop = connect(home, "alice", "laptop")
 		assert.equal(1, archived(laptop, KICKED, "while out"))
 	end)
@@ -236,7 +235,7 @@ describe("outages", function()
 		assert.equal(0, metric(text, "prosody_mod_minimix__rejoins_given_up_total"))
 	end)
 
-	it("[needs issue14hist] the room's server restarted: what was said before the rejoin is archived once", function()
+	it("the room's server restarted: what was said before the rejoin is archived once", function()
 		local laptop = connect(home, "alice", "laptop")
 		assert.equal(1, archived(laptop, FORGOTTEN, "while forgotten"))
 	end)

@@ -62,6 +62,10 @@ impl UserData for HostHandle {
             for (room, nick, password) in host.persisted(&user) {
                 let row = lua.create_table()?;
                 row.raw_set("joined", host.confirmed(&user, &room))?;
+                let got = host.received(&user, &room);
+                if !got.is_empty() {
+                    row.raw_set("got", got)?;
+                }
                 row.raw_set("room", room)?;
                 row.raw_set("nick", nick)?;
                 row.raw_set("password", password)?;
@@ -81,6 +85,28 @@ impl UserData for HostHandle {
             }
             Ok(list)
         });
+        // The accounts whose record of what they got from rooms changed since last asked:
+        // their memberships are stored again (periodically and at shutdown).
+        methods.add_method("take_unsaved", |_, this, ()| {
+            Ok(this.shared.host.borrow_mut().take_unsaved())
+        });
+        // `remember(user, room, stamp, xml)`: a message found in the account's archive at
+        // start, for the next restore of that membership. False when `xml` is no stanza.
+        methods.add_method(
+            "remember",
+            |_, this, (user, room, stamp, xml): (LuaString, LuaString, i64, LuaString)| {
+                let Ok(el) = xml.to_str()?.parse::<minidom::Element>() else {
+                    return Ok(false);
+                };
+                this.shared.host.borrow_mut().remember(
+                    &user.to_str()?,
+                    &room.to_str()?,
+                    &el,
+                    stamp,
+                );
+                Ok(true)
+            },
+        );
         // When the core's timers next have something to do (Unix seconds), or nil.
         methods.add_method("next_deadline", |_, this, ()| {
             Ok(this.shared.host.borrow_mut().next_deadline())
@@ -109,6 +135,8 @@ impl UserData for HostHandle {
             t.raw_set("self_pings_answered", s.self_pings_answered)?;
             t.raw_set("self_pings_gone", s.self_pings_gone)?;
             t.raw_set("self_pings_failed", s.self_pings_failed)?;
+            t.raw_set("replayed_new", s.replayed_new)?;
+            t.raw_set("replayed_known", s.replayed_known)?;
             Ok(t)
         });
     }
@@ -143,6 +171,9 @@ pub fn exports(lua: &Lua) -> LuaResult<Table> {
         })?,
     )?;
     t.raw_set("version", env!("CARGO_PKG_VERSION"))?;
+    // Marks kept per membership of what the account got (the most a start reads of each
+    // room from the archive after an unclean stop).
+    t.raw_set("marks_kept", crate::received::MARKS_KEPT)?;
     // The constants of the replies the hot entry points return (bridge/reply.rs, Reply).
     let flags = lua.create_table()?;
     flags.raw_set("persist", reply::FLAG_PERSIST)?;

@@ -7,6 +7,8 @@ use std::rc::Rc;
 
 use xmpp_parsers::muc::muc::History as HistoryRequest;
 
+use crate::received::{Mark, REJOIN_MARGIN};
+
 #[derive(Debug)]
 struct Entry {
     message: Rc<str>,
@@ -14,6 +16,8 @@ struct Entry {
     stamp: i64,
     /// Whether the message already carries a XEP-0203 delay (history sent by the room).
     delayed: bool,
+    /// What recognises it when the room sends it again (after a rejoin).
+    mark: Option<Mark>,
 }
 
 /// A kept message picked for a join: `delay` is the stamp to add, if it has none yet.
@@ -35,6 +39,18 @@ pub struct RoomHistory {
 impl RoomHistory {
     /// Keep `message`; `delay_stamp` is the stamp of its own delay, if it has one.
     pub fn push(&mut self, message: Rc<str>, delay_stamp: Option<i64>, now: i64, limit: usize) {
+        self.push_marked(message, delay_stamp, now, limit, None);
+    }
+
+    /// [`RoomHistory::push`], with the message's mark.
+    pub fn push_marked(
+        &mut self,
+        message: Rc<str>,
+        delay_stamp: Option<i64>,
+        now: i64,
+        limit: usize,
+        mark: Option<Mark>,
+    ) {
         if limit == 0 {
             return;
         }
@@ -45,7 +61,15 @@ impl RoomHistory {
             message,
             stamp: delay_stamp.unwrap_or(now),
             delayed: delay_stamp.is_some(),
+            mark,
         });
+    }
+
+    /// Whether a kept message is the one `mark` stands for.
+    pub fn contains(&self, mark: &Mark) -> bool {
+        self.entries
+            .iter()
+            .any(|e| e.mark.is_some_and(|m| m.same(mark, REJOIN_MARGIN)))
     }
 
     pub fn len(&self) -> usize {

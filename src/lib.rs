@@ -17,6 +17,7 @@ pub mod occupants;
 pub mod outage;
 pub mod outcome;
 pub mod presence;
+pub mod received;
 pub mod stanza;
 pub mod time;
 

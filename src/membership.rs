@@ -7,6 +7,7 @@ use crate::history::RoomHistory;
 use crate::occupants::OccupantCache;
 use crate::outage::{Rejoin, SelfPing};
 use crate::presence::{SessionPresence, Visible};
+use crate::received::Received;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Phase {
@@ -26,6 +27,9 @@ pub struct Participant {
     pub joined: bool,
     /// The session's presence toward the room; none after it went unavailable.
     pub presence: Option<SessionPresence>,
+    /// The session was joined when the module's latest rejoin began: it got what the
+    /// account got, so what the room replays and the account already had is not its news.
+    pub joined_before_rejoin: bool,
 }
 
 #[derive(Debug)]
@@ -64,6 +68,14 @@ pub struct Membership {
     /// When the host's timers next look at this membership (a self-ping due, a rejoin
     /// due, a join or a ping no longer waited for); none: nothing is due.
     pub wake: Option<i64>,
+    /// What the account got from the room: where a rejoin asks history since, and what a
+    /// replay may bring again.
+    pub received: Received,
+    /// The module's rejoin asked for the history since the last message: until the join
+    /// answer is complete, delayed messages are the room's replay of it.
+    pub replaying: bool,
+    /// Messages of the current replay: (new, already had).
+    pub replay_counts: (u32, u32),
 }
 
 impl Membership {
@@ -77,6 +89,7 @@ impl Membership {
                 resource: first.into(),
                 joined: false,
                 presence: None,
+                joined_before_rejoin: false,
             }],
             leave_waiters: Vec::new(),
             nick_change_by: None,
@@ -92,6 +105,9 @@ impl Membership {
             rejoin: None,
             ping: None,
             wake: None,
+            received: Received::default(),
+            replaying: false,
+            replay_counts: (0, 0),
         }
     }
 
@@ -119,9 +135,11 @@ impl Membership {
     pub fn restart(&mut self, nick: &str, first: &str) {
         let waiters = std::mem::take(&mut self.leave_waiters);
         let password = self.password.take();
+        let received = std::mem::take(&mut self.received);
         *self = Membership::new(&self.room.clone(), nick, first);
         self.leave_waiters = waiters;
         self.password = password;
+        self.received = received;
     }
 
     pub fn participant(&self, resource: &str) -> Option<&Participant> {
@@ -147,6 +165,7 @@ impl Membership {
                 resource: resource.into(),
                 joined,
                 presence: None,
+                joined_before_rejoin: false,
             }),
         }
     }

@@ -27,6 +27,14 @@ pub enum Note<'a> {
         room: &'a str,
         nick: &'a str,
     },
+    /// The room's replay after a rejoin made by the module is over: `new` messages the
+    /// account had not got (archived and forked), `known` it had (neither).
+    CaughtUp {
+        user: &'a str,
+        room: &'a str,
+        new: u32,
+        known: u32,
+    },
     /// The module made the account join for an autojoin bookmark.
     JoinsFromBookmark {
         user: &'a str,
@@ -129,6 +137,15 @@ impl fmt::Display for Note<'_> {
             Note::RejoinsAfterRestart { user, room, nick } => {
                 write!(f, "{user} rejoins after a restart: {room} as {nick}")
             }
+            Note::CaughtUp {
+                user,
+                room,
+                new,
+                known,
+            } => write!(
+                f,
+                "{user} caught up in {room}: {new} new message(s), {known} already got"
+            ),
             Note::JoinsFromBookmark { user, room, nick } => {
                 write!(f, "{user} joins from a bookmark: {room} as {nick}")
             }
@@ -230,6 +247,15 @@ mod tests {
             (
                 Note::RejoinsAfterRestart { user, room, nick },
                 "alice rejoins after a restart: room@conference.example.com as N",
+            ),
+            (
+                Note::CaughtUp {
+                    user,
+                    room,
+                    new: 2,
+                    known: 1,
+                },
+                "alice caught up in room@conference.example.com: 2 new message(s), 1 already got",
             ),
             (
                 Note::JoinsFromBookmark { user, room, nick },

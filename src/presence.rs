@@ -154,16 +154,24 @@ pub fn update_for_room(p: &SessionPresence, room: &str, nick: &str) -> Option<El
     Some(el)
 }
 
-/// A plain join presence made by the module (after a restart, for a bookmark): no history,
-/// the room's password if one is known.
-pub fn join_for_room(room: &str, nick: &str, password: Option<&str>) -> Element {
-    let mut x = Element::builder("x", NS_MUC)
-        .append(
-            Element::builder("history", NS_MUC)
-                .attr(n("maxstanzas"), "0")
-                .build(),
-        )
-        .build();
+/// A join presence made by the module (after a restart, for a bookmark, after an outage):
+/// asking for the history since `since` (XEP-0045 §7.2.15) when the account got messages
+/// from the room before, else for none; the room's password if one is known.
+pub fn join_for_room(
+    room: &str,
+    nick: &str,
+    password: Option<&str>,
+    since: Option<i64>,
+) -> Element {
+    let history = match since {
+        Some(since) => Element::builder("history", NS_MUC)
+            .attr(n("since"), crate::time::format_stamp(since))
+            .build(),
+        None => Element::builder("history", NS_MUC)
+            .attr(n("maxstanzas"), "0")
+            .build(),
+    };
+    let mut x = Element::builder("x", NS_MUC).append(history).build();
     if let Some(p) = password {
         x.append_child(Element::builder("password", NS_MUC).append(p).build());
     }

@@ -149,6 +149,18 @@ pub trait Payload {
     fn has_child(&self, name: &str, ns: &str) -> bool;
     /// An attribute of the first direct child `name` in `ns`.
     fn child_attr(&self, name: &str, ns: &str, attr: &str) -> Option<String>;
+    /// An attribute of the first direct child `name` in `ns` whose attribute `key` is
+    /// `value` (e.g. the `id` of the `<stanza-id/>` by a given JID).
+    fn child_attr_where(
+        &self,
+        name: &str,
+        ns: &str,
+        key: &str,
+        value: &str,
+        attr: &str,
+    ) -> Option<String>;
+    /// The text of the first direct child `name` in `ns`.
+    fn child_text(&self, name: &str, ns: &str) -> Option<String>;
     /// Name and namespace of the first child element (an IQ's payload).
     fn first_child(&self) -> Option<(String, String)>;
     /// Status codes of the muc#user payload.
@@ -173,6 +185,24 @@ impl Payload for Element {
 
     fn child_attr(&self, name: &str, ns: &str, attr: &str) -> Option<String> {
         self.get_child(name, ns)?.attr(attr).map(str::to_owned)
+    }
+
+    fn child_attr_where(
+        &self,
+        name: &str,
+        ns: &str,
+        key: &str,
+        value: &str,
+        attr: &str,
+    ) -> Option<String> {
+        self.children()
+            .find(|c| c.is(name, ns) && c.attr(key) == Some(value))?
+            .attr(attr)
+            .map(str::to_owned)
+    }
+
+    fn child_text(&self, name: &str, ns: &str) -> Option<String> {
+        self.get_child(name, ns).map(Element::text)
     }
 
     fn first_child(&self) -> Option<(String, String)> {

@@ -98,6 +98,7 @@ local function load_shim(settings)
 		end,
 		handle_items = function() end,
 		add_timer = function() end,
+		hook_global = function() end,
 		-- The shim's own libraries as Prosody's module:require loads them (the admin
 		-- library, whose failure the shim logs and survives, is left out).
 		require = function(_, name)

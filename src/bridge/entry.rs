@@ -365,7 +365,8 @@ pub(super) unsafe extern "C-unwind" fn session_event(l: *mut lua_State) -> c_int
 
 /// `control(op, user, ...)`: what the module does of its own accord.
 ///   "ended", user, resource            — a session ended without leaving
-///   "restore", user, room, nick, password|nil — rejoin after a restart
+///   "restore", user, room, nick, password|nil, got|nil — rejoin after a restart (got:
+///                                        what was stored of what the account got)
 ///   "bookmark", user, room, nick|nil, password|nil, autojoin
 ///   "leave", user, room, reason        — make the account leave (admin)
 ///   "service", domain, is_muc          — whether a service is a MUC (learned by the shim)
@@ -387,7 +388,7 @@ pub(super) unsafe extern "C-unwind" fn control(l: *mut lua_State) -> c_int {
                 Ok(match (op, arg(3)) {
                     ("ended", Some(resource)) => host.session_ended(user, resource),
                     ("restore", Some(room)) => {
-                        host.restore(user, room, arg(4).unwrap_or(user), arg(5))
+                        host.restore_with(user, room, arg(4).unwrap_or(user), arg(5), arg(6))
                     }
                     ("bookmark", Some(room)) => host.bookmark(user, room, arg(4), arg(5), flag(6)),
                     ("leave", Some(room)) => {

@@ -234,6 +234,40 @@ impl Payload for RawStanza<'_, '_> {
         })
     }
 
+    fn child_attr_where(
+        &self,
+        name: &str,
+        ns: &str,
+        key: &str,
+        value: &str,
+        attr: &str,
+    ) -> Option<String> {
+        let s = self.s;
+        s.find_in_children(self.idx, |c| {
+            if s.is_element(c, name, ns, NS_CLIENT) && s.attr_named(c, key) == Some(value) {
+                s.attr_named(c, attr).map(str::to_owned)
+            } else {
+                None
+            }
+        })
+    }
+
+    fn child_text(&self, name: &str, ns: &str) -> Option<String> {
+        let s = self.s;
+        s.with_child(self.idx, name, ns, NS_CLIENT, |c| {
+            let mut text = String::new();
+            let n = unsafe { ffi::lua_rawlen(s.l, c) };
+            for i in 1..=n {
+                unsafe { ffi::lua_rawgeti(s.l, c, i as ffi::lua_Integer) };
+                if let Some(part) = s.str_at(-1) {
+                    text.push_str(part);
+                }
+                s.pop(1);
+            }
+            Some(text)
+        })
+    }
+
     fn first_child(&self) -> Option<(String, String)> {
         let s = self.s;
         s.find_in_children(self.idx, |c| {

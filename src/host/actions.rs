@@ -1,6 +1,8 @@
 //! What the module does on its own: rejoin after a restart, follow bookmarks, leave when
 //! an admin asks, and what is due when time passes (timers as events).
 
+use minidom::Element;
+
 use super::outage::{module_join, wake};
 use super::{Host, drop_empty};
 use crate::membership::{Membership, Phase};
@@ -8,18 +10,20 @@ use crate::note::Note;
 use crate::outage::Rejoin;
 use crate::outcome::{Action, Out, Outcome};
 use crate::presence;
+use crate::received::{Mark, Received};
 use crate::stanza::Addr;
 
 /// Why the module joins a room on its own.
-#[derive(Clone, Copy)]
 enum ModuleJoin {
-    Restart,
+    /// A stored membership after a start, with what the account had got from the room.
+    Restart(Received),
     Bookmark,
 }
 
 impl Host {
-    /// Rejoin a stored membership after a restart, with no session and no history. A join
-    /// the room's server cannot take now is tried again with backoff (flow 18).
+    /// Rejoin a stored membership after a restart, with no session. The join asks for the
+    /// history since the last message the account got (none when nothing is known of it);
+    /// a join the room's server cannot take now is tried again with backoff (flow 18).
     pub fn restore(
         &mut self,
         user: &str,
@@ -27,7 +31,53 @@ impl Host {
         nick: &str,
         password: Option<&str>,
     ) -> Outcome {
-        self.join_without_session(user, room, nick, password, ModuleJoin::Restart)
+        self.restore_with(user, room, nick, password, None)
+    }
+
+    /// [`Host::restore`] with what was stored of what the account got from the room
+    /// ([`Host::received`]), and what [`Host::remember`] was told of it: the join asks for
+    /// the history since the last message (see [`Host::rejoin`]).
+    pub fn restore_with(
+        &mut self,
+        user: &str,
+        room: &str,
+        nick: &str,
+        password: Option<&str>,
+        received: Option<&str>,
+    ) -> Outcome {
+        let mut got = received.map(Received::from_text).unwrap_or_default();
+        if let Some(found) = self.remembered.remove(&(user.to_owned(), room.to_owned())) {
+            got.merge(&found);
+        }
+        self.join_without_session(user, room, nick, password, ModuleJoin::Restart(got))
+    }
+
+    /// The account got `message` from `room` before this start (the shim found it in the
+    /// account's archive, stored at `stamp`): the next [`Host::restore_with`] of that
+    /// membership knows it. Bounded as [`Received`] is, per room.
+    pub fn remember(&mut self, user: &str, room: &str, message: &Element, stamp: i64) {
+        let from = message.attr("from").unwrap_or_default();
+        let mark = Mark::of(message, from, room, stamp);
+        self.remembered
+            .entry((user.to_owned(), room.to_owned()))
+            .or_default()
+            .got(mark);
+    }
+
+    /// What to store of what the account got from `room` (see [`Received::to_text`]);
+    /// empty when nothing.
+    pub fn received(&self, user: &str, room: &str) -> String {
+        self.membership(user, room)
+            .map(|m| m.received.to_text())
+            .unwrap_or_default()
+    }
+
+    /// The accounts whose [`Host::received`] changed since this was last asked: the shim
+    /// stores their memberships again (periodically and at shutdown, not per message).
+    pub fn take_unsaved(&mut self) -> Vec<String> {
+        let mut v: Vec<String> = self.unsaved.drain().collect();
+        v.sort();
+        v
     }
 
     /// A XEP-0402 bookmark was published (`autojoin` as it says) or retracted (false).
@@ -88,8 +138,16 @@ impl Host {
         let mut m = Membership::without_sessions(room, nick);
         m.made_by_module = true;
         m.password = password.map(str::to_owned);
+        let restart = matches!(why, ModuleJoin::Restart(_));
+        match why {
+            ModuleJoin::Restart(received) => {
+                out.note(Note::RejoinsAfterRestart { user, room, nick });
+                m.received = received;
+            }
+            ModuleJoin::Bookmark => out.note(Note::JoinsFromBookmark { user, room, nick }),
+        }
         let join = module_join(&mut m);
-        if let ModuleJoin::Restart = why {
+        if restart {
             // No clock comes with this event: the join is waited for from the next tick.
             m.rejoin = Some(Rejoin::InFlight {
                 attempt: 1,
@@ -99,10 +157,6 @@ impl Host {
             self.counters.rejoins += 1;
         }
         account.rooms.insert(room.to_owned(), m);
-        out.note(match why {
-            ModuleJoin::Restart => Note::RejoinsAfterRestart { user, room, nick },
-            ModuleJoin::Bookmark => Note::JoinsFromBookmark { user, room, nick },
-        });
         out.persist = true;
         out.actions.push(Action::Send {
             stanza: Out::New(join),

@@ -17,6 +17,7 @@ use std::rc::Rc;
 
 use crate::iq::IqProxy;
 use crate::membership::{Membership, Phase};
+use crate::received::Received;
 use crate::stanza::{Addr, Payload};
 
 pub use crate::outcome::{Action, Edit, Out, Outcome};
@@ -98,6 +99,10 @@ pub struct Stats {
     pub self_pings_answered: u64,
     pub self_pings_gone: u64,
     pub self_pings_failed: u64,
+    /// Messages a room replayed after such a rejoin: new to the account (archived and
+    /// forked once), and already got (neither).
+    pub replayed_new: u64,
+    pub replayed_known: u64,
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -112,6 +117,8 @@ struct Counters {
     self_pings_answered: u64,
     self_pings_gone: u64,
     self_pings_failed: u64,
+    replayed_new: u64,
+    replayed_known: u64,
 }
 
 /// When the timers next look at each membership: (time, account, room), earliest first.
@@ -175,6 +182,11 @@ pub struct Host {
     muc_services: HashSet<String>,
     /// Memberships with something due (self-pings, rejoins), by time.
     timers: Timers,
+    /// What the shim found in the archives at start, per (account, room), until the
+    /// membership is restored (see [`Host::remember`]).
+    remembered: HashMap<(String, String), Received>,
+    /// Accounts whose memberships' [`Received`] changed since the shim last asked.
+    unsaved: HashSet<String>,
 }
 
 impl Host {
@@ -188,6 +200,8 @@ impl Host {
             counters: Counters::default(),
             muc_services: HashSet::new(),
             timers: Timers::default(),
+            remembered: HashMap::new(),
+            unsaved: HashSet::new(),
         }
     }
 
@@ -309,6 +323,8 @@ impl Host {
             self_pings_answered: self.counters.self_pings_answered,
             self_pings_gone: self.counters.self_pings_gone,
             self_pings_failed: self.counters.self_pings_failed,
+            replayed_new: self.counters.replayed_new,
+            replayed_known: self.counters.replayed_known,
             ..Stats::default()
         };
         for a in self.accounts.values() {

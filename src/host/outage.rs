@@ -43,12 +43,19 @@ pub(super) fn in_room(
 
 /// The join the module sends on its own for a membership: after a restart, for a
 /// bookmark, and to come back after an outage. It carries a plain available presence,
-/// which is what the room shows until a session says otherwise.
+/// which is what the room shows until a session says otherwise, and asks for the history
+/// since the last message the account got (none when nothing is known of it). Until the
+/// join answer is complete, delayed messages are taken for the room's replay; the sessions
+/// joined now already have what the account had.
 pub(super) fn module_join(m: &mut Membership) -> Element {
-    // The join carries a plain available presence: that is what the room shows until a
-    // session says otherwise.
     m.shown = Some(presence::Visible::default());
-    presence::join_for_room(&m.room, &m.nick, m.password.as_deref())
+    let since = m.received.since();
+    m.replaying = since.is_some();
+    m.replay_counts = (0, 0);
+    for p in &mut m.participants {
+        p.joined_before_rejoin = p.joined;
+    }
+    presence::join_for_room(&m.room, &m.nick, m.password.as_deref(), since)
 }
 
 impl Host {

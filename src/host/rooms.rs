@@ -4,12 +4,14 @@
 use minidom::Element;
 
 use super::outage::in_room;
-use super::{Host, drop_empty, kept};
+use super::{Counters, Host, drop_empty, kept};
+use crate::membership::Membership;
 use crate::membership::Phase;
 use crate::note::Note;
 use crate::outage::{Rejoin, backoff, join_error_is_transient, ping_answer, seed};
 use crate::outcome::{Action, Edit, Out, Outcome, own_copy};
 use crate::presence;
+use crate::received::Mark;
 use crate::stanza::{Addr, Head, Kind, NS_CLIENT, NS_DELAY, Payload, Status, has_status};
 
 impl Host {
@@ -259,7 +261,10 @@ impl Host {
         now: i64,
     ) -> Outcome {
         let history_length = self.config.history_length;
-        let Some(m) = self.membership_mut(user, room) else {
+        let Some(account) = self.accounts.get_mut(user) else {
+            return Outcome::pass();
+        };
+        let Some(m) = account.rooms.get_mut(room) else {
             return Outcome::pass();
         };
         let mut out = Outcome::handled(user);
@@ -272,18 +277,87 @@ impl Host {
             if !has_body && el.has_child("subject", NS_CLIENT) {
                 m.subject = kept(el).or(m.subject.take());
                 m.complete = true;
+                if let Some(note) = end_replay(m, &mut self.counters) {
+                    out.note(Note::CaughtUp {
+                        user,
+                        room,
+                        new: note.0,
+                        known: note.1,
+                    });
+                }
             } else if has_body {
                 let delay = el
                     .child_attr("delay", NS_DELAY, "stamp")
                     .and_then(|s| crate::time::parse_stamp(&s));
-                // Live traffic means the join answer is over, even from a room that sends
-                // no subject at all. History the room replays is not archived again.
-                if delay.is_none() {
-                    m.complete = true;
-                    out.archive = true;
-                }
-                if let Some(xml) = kept(el) {
-                    m.history.push(xml, delay, now, history_length);
+                let from = head.from.unwrap_or_default();
+                let mark = Mark::of(el, from, room, delay.unwrap_or(now));
+                match delay {
+                    None => {
+                        // Live traffic means the join answer is over, even from a room
+                        // that sends no subject at all.
+                        m.complete = true;
+                        if let Some(note) = end_replay(m, &mut self.counters) {
+                            out.note(Note::CaughtUp {
+                                user,
+                                room,
+                                new: note.0,
+                                known: note.1,
+                            });
+                        }
+                        out.archive = true;
+                        m.received.got(mark);
+                        if !self.unsaved.contains(user) {
+                            self.unsaved.insert(user.to_owned());
+                        }
+                        if let Some(xml) = kept(el) {
+                            m.history
+                                .push_marked(xml, None, now, history_length, Some(mark));
+                        }
+                    }
+                    Some(stamp) if m.replaying && !m.complete => {
+                        // The room's replay of what it said since the last message the
+                        // account got (a rejoin made by the module).
+                        let known = m.received.has(&mark);
+                        if !m.history.contains(&mark)
+                            && let Some(xml) = kept(el)
+                        {
+                            m.history.push_marked(
+                                xml,
+                                Some(stamp),
+                                now,
+                                history_length,
+                                Some(mark),
+                            );
+                        }
+                        if known {
+                            // Only sessions that joined during the rejoin lack it.
+                            m.replay_counts.1 += 1;
+                            for p in m.participants.iter().filter(|p| !p.joined_before_rejoin) {
+                                out.deliver_original(&p.resource);
+                            }
+                            return out;
+                        }
+                        m.replay_counts.0 += 1;
+                        out.archive = true;
+                        m.received.got(mark);
+                        if !self.unsaved.contains(user) {
+                            self.unsaved.insert(user.to_owned());
+                        }
+                    }
+                    Some(stamp) => {
+                        // History the room sends to a join made for a session: kept for
+                        // later joins, not archived (the account got it before, or it was
+                        // said before the account was there).
+                        if let Some(xml) = kept(el) {
+                            m.history.push_marked(
+                                xml,
+                                Some(stamp),
+                                now,
+                                history_length,
+                                Some(mark),
+                            );
+                        }
+                    }
                 }
             }
         } else if head.is_type("chat")
@@ -384,4 +458,17 @@ fn self_ping_error_means_joined(condition: Option<&str>) -> bool {
                 | "remote-server-timeout"
         )
     )
+}
+
+/// The room's join answer is over: if it was a replay after a rejoin made by the module,
+/// end it and say how many messages were new and how many the account already had.
+fn end_replay(m: &mut Membership, counters: &mut Counters) -> Option<(u32, u32)> {
+    if !m.replaying {
+        return None;
+    }
+    m.replaying = false;
+    let (new, known) = std::mem::take(&mut m.replay_counts);
+    counters.replayed_new += u64::from(new);
+    counters.replayed_known += u64::from(known);
+    Some((new, known))
 }
