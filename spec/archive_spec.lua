@@ -1,0 +1,351 @@
+-- The account's archive with the module (issue 13, README "Archive"), against real Prosody
+-- with mod_mam: private-message history stays private (a MAM query by an occupant's full
+-- JID answers as without the module), the groupchat the module stores answers MAM queries
+-- as mod_mam's own messages, and the module's upkeep of the archive (expiry, quota,
+-- "archive-message-added").
+--
+-- The comparison: one server, two VirtualHosts with mod_mam, "localhost" with the module and
+-- "plain.localhost" without. alice@localhost (nick Alice) and alice@plain.localhost (nick
+-- Palice) sit in the same room and get the same traffic from bob@plain.localhost: the
+-- room's groupchat, private messages from Bob to each and from each to Bob. Every MAM query
+-- is asked of both accounts, and the answers must have the same shape (bodies, types,
+-- order, complete, count, first/last): the plain account's is what mod_mam answers when
+-- the archive holds no groupchat. Done with internal storage, with SQL storage (SQLite),
+-- and with the room on a second server over s2s.
+local Server = require "spec.helpers.server"
+local Client = require "spec.helpers.client"
+local muc = require "spec.helpers.muc"
+local socket = require "socket"
+local st = Client.stanza
+
+local NS_MAM = "urn:xmpp:mam:2"
+local NS_RSM = "http://jabber.org/protocol/rsm"
+local NS_FORWARD = "urn:xmpp:forward:0"
+local NS_DELAY = "urn:xmpp:delay"
+local NS_SID = "urn:xmpp:sid:0"
+local PLAIN = "plain.localhost"
+local ROOM_OPTIONS = { muc_room_locking = false }
+
+local clients = muc.clients()
+local connect, close_all = clients.connect, clients.close_all
+local join, say, settle = muc.join, muc.say, muc.settle
+local no_tracebacks = muc.no_tracebacks
+
+---------------------------------------------------------------------------
+-- Querying
+
+--- A MAM query of `c`'s own archive. `o`: with, max, after, before (a string, or true for
+--- an empty <before/>), flip (flip-page), start/end_ (timestamps), before_id, after_id, ids
+--- (a list), form_type. Returns { error = condition } or { results = { { id, message,
+--- stamp } }, complete, count, first, last }.
+local function mam(c, o)
+	local queryid = Client.new_id()
+	local form = st.stanza("x", { xmlns = "jabber:x:data", type = "submit" })
+		:tag("field", { var = "FORM_TYPE", type = "hidden" }):text_tag("value", o.form_type or NS_MAM):up()
+	local function field(var, value)
+		if value then form:tag("field", { var = var }):text_tag("value", value):up() end
+	end
+	field("with", o.with)
+	field("start", o.start)
+	field("end", o.end_)
+	field("before-id", o.before_id)
+	field("after-id", o.after_id)
+	if o.ids then
+		form:tag("field", { var = "ids" })
+		for _, id in ipairs(o.ids) do form:text_tag("value", id) end
+		form:up()
+	end
+	local query = st.stanza("query", { xmlns = NS_MAM, queryid = queryid }):add_child(form)
+	if o.max or o.after or o.before then
+		local set = st.stanza("set", { xmlns = NS_RSM })
+		if o.max then set:text_tag("max", tostring(o.max)) end
+		if o.after then set:text_tag("after", o.after) end
+		if o.before == true then set:tag("before"):up() elseif o.before then set:text_tag("before", o.before) end
+		query:add_child(set)
+	end
+	if o.flip then query:tag("flip-page"):up() end
+	local fin = assert(c:iq(st.iq({ type = "set", to = c.bare, id = Client.new_id() }):add_child(query)))
+	if fin.attr.type == "error" then
+		return { error = muc.error_condition(fin) }
+	end
+	local answer = { results = {} }
+	while true do
+		local el = c:wait_for(function(m)
+			local r = m.name == "message" and m:get_child("result", NS_MAM)
+			return r and r.attr.queryid == queryid
+		end, 0.01)
+		if not el then break end
+		local r = el:get_child("result", NS_MAM)
+		local fwd = r:get_child("forwarded", NS_FORWARD)
+		answer.results[#answer.results + 1] = {
+			id = r.attr.id,
+			message = fwd:get_child("message", "jabber:client"),
+			stamp = fwd:get_child("delay", NS_DELAY).attr.stamp,
+		}
+	end
+	local fin_el = assert(fin:get_child("fin", NS_MAM), tostring(fin))
+	local set = fin_el:get_child("set", NS_RSM)
+	answer.complete = fin_el.attr.complete == "true"
+	answer.count = set and tonumber(set:get_child_text("count"))
+	answer.first = set and set:get_child_text("first")
+	answer.last = set and set:get_child_text("last")
+	return answer
+end
+
+--- What two answers must share: bodies, types and senders (the account's own JID as "me")
+--- in order, complete, count, and first/last as the bodies they name.
+local function shape(answer, me)
+	if answer.error then return { error = answer.error } end
+	local out = { bodies = {}, types = {}, from = {}, complete = answer.complete, count = answer.count }
+	local body_of = {}
+	for i, r in ipairs(answer.results) do
+		out.bodies[i] = Client.body(r.message) or "(none)"
+		out.types[i] = r.message.attr.type or "normal"
+		out.from[i] = (r.message.attr.from or ""):gsub("^[^/]*", function(b) return b == me and "me" or b end)
+		body_of[r.id] = out.bodies[i]
+	end
+	out.first = answer.first and (body_of[answer.first] or "not in the page")
+	out.last = answer.last and (body_of[answer.last] or "not in the page")
+	return out
+end
+
+--- Every result of a query by `with`, paging forward two at a time; checks each page.
+local function everything(c, with)
+	local all, after = { results = {} }, nil
+	for _ = 1, 20 do
+		local page = mam(c, { with = with, max = 2, after = after })
+		assert.is_nil(page.error, page.error)
+		for _, r in ipairs(page.results) do all.results[#all.results + 1] = r end
+		if page.complete then return all end
+		after = page.last
+	end
+	error("more than 20 pages")
+end
+
+local function bodies(answer)
+	local list = {}
+	for i, r in ipairs(answer.results or {}) do list[i] = Client.body(r.message) end
+	return list
+end
+
+---------------------------------------------------------------------------
+-- The traffic
+
+local PMS = { "pm 1", "pm 2", "pm 3", "pm 4", "pm 5" }
+
+local function chat(body)
+	return function(el) return el.name == "message" and el.attr.type == "chat" and Client.body(el) == body end
+end
+
+--- bob (plain) and the two alices join `room`; then groupchat and private messages both
+--- ways, each waited for. Pauses of over a second keep pm 3 and pm 5 in seconds of their
+--- own (SQL storage compares whole seconds). Returns what alice's module session received.
+local function traffic(room, bob, alice, palice)
+	join(bob, room .. "/Bob")
+	join(alice, room .. "/Alice")
+	join(palice, room .. "/Palice")
+	settle(bob, alice, palice)
+	alice.log = {}
+	local function gc(from, body) say(from, room, body, { bob, alice, palice }) end
+	local function pm_in(body)
+		for _, nick in ipairs({ "Alice", "Palice" }) do
+			bob:send(st.message({ to = room .. "/" .. nick, type = "chat", id = Client.new_id() }):text_tag("body", body))
+		end
+		assert(alice:wait_for(chat(body)))
+		assert(palice:wait_for(chat(body)))
+	end
+	local function pm_out(body)
+		for _, c in ipairs({ alice, palice }) do
+			c:send(st.message({ to = room .. "/Bob", type = "chat", id = Client.new_id() }):text_tag("body", body))
+			assert(bob:wait_for(chat(body)))
+		end
+	end
+	gc(bob, "g1")
+	pm_in("pm 1")
+	gc(bob, "g2")
+	pm_out("pm 2")
+	socket.sleep(1.1)
+	pm_in("pm 3")
+	gc(bob, "g3")
+	gc(bob, "g4")
+	pm_out("pm 4")
+	socket.sleep(1.1)
+	pm_in("pm 5")
+	gc(alice, "g5")
+	settle(bob, alice, palice)
+	return alice.log
+end
+
+--- The queries asked of both accounts, each from the account's own earlier answers: `all`
+--- is its answer to the plain full-JID query, `foreign` an id the full-JID view must not
+--- know (a groupchat line for alice@localhost, an id that never existed for the other).
+local function battery(room_bob, all, foreign)
+	local id = function(i) return all.results[i] and all.results[i].id end
+	local stamp = function(i) return all.results[i] and all.results[i].stamp end
+	return {
+		{ "max=1", { with = room_bob, max = 1 } },
+		{ "max=2", { with = room_bob, max = 2 } },
+		{ "max=2 after the 2nd", { with = room_bob, max = 2, after = id(2) } },
+		{ "max=2 after the 4th", { with = room_bob, max = 2, after = id(4) } },
+		{ "max=2 after the last", { with = room_bob, max = 2, after = id(5) } },
+		{ "last page", { with = room_bob, max = 2, before = true } },
+		{ "max=2 before the 4th", { with = room_bob, max = 2, before = id(4) } },
+		{ "max=2 before the 1st", { with = room_bob, max = 2, before = id(1) } },
+		{ "last page, flip-page", { with = room_bob, max = 2, before = true, flip = true } },
+		{ "first page, flip-page", { with = room_bob, max = 2, flip = true } },
+		{ "count only", { with = room_bob, max = 0 } },
+		{ "max above the limit", { with = room_bob, max = 100 } },
+		{ "ids", { with = room_bob, ids = { id(2), id(4) } } },
+		{ "after-id, before-id", { with = room_bob, after_id = id(1), before_id = id(5) } },
+		{ "start, end", { with = room_bob, start = stamp(3), end_ = stamp(5) } },
+		{ "start, max=1", { with = room_bob, start = stamp(3), max = 1 } },
+		{ "end, last page", { with = room_bob, end_ = stamp(4), max = 1, before = true } },
+		{ "unknown after", { with = room_bob, max = 2, after = "no-such-id" } },
+		{ "after an id not in the view", { with = room_bob, max = 2, after = foreign } },
+		{ "before an id not in the view", { with = room_bob, max = 2, before = foreign } },
+		{ "after-id not in the view", { with = room_bob, after_id = foreign } },
+		{ "bad FORM_TYPE", { with = room_bob, form_type = "urn:example:other" } },
+		{ "bad start", { with = room_bob, start = "yesterday" } },
+	}
+end
+
+--- Runs the traffic in `room` and compares both accounts' answers. `limit`: the
+--- max_archive_query_results both vhosts run with (nil: mod_mam's default, 50).
+local function compare(srv, room, bob_srv, bob_host, limit)
+	local bob = connect(bob_srv, "bob", "pc", { host = bob_host })
+	local alice = connect(srv, "alice", "phone")
+	local palice = connect(srv, "alice", "phone", { host = PLAIN })
+	local received = traffic(room, bob, alice, palice)
+	local room_bob = room .. "/Bob"
+	local shown = math.min(5, limit or 50)
+
+	-- The full-JID query: exactly the private messages, in order, for both.
+	local mine, plain = mam(alice, { with = room_bob }), mam(palice, { with = room_bob })
+	assert.same({ table.unpack(PMS, 1, shown) }, bodies(mine))
+	assert.same(shape(plain, palice.bare), shape(mine, alice.bare))
+
+	-- The room's bare JID: groupchat and private messages for the module's account.
+	local whole = everything(alice, room)
+	assert.same({ "g1", "pm 1", "g2", "pm 2", "pm 3", "g3", "g4", "pm 4", "pm 5", "g5" }, bodies(whole))
+	assert.same(PMS, bodies(everything(palice, room)))
+	assert.same(PMS, bodies(everything(alice, room_bob)))
+
+	-- Every live copy alice's session got carries the id the archive gives that message.
+	local archived = whole
+	for _, r in ipairs(archived.results) do
+		local body = Client.body(r.message)
+		local got
+		for _, el in ipairs(received) do
+			if el.name == "message" and Client.body(el) == body and el.attr.type == r.message.attr.type then got = el end
+		end
+		if r.message.attr.from and r.message.attr.from:match("/Bob$") or r.message.attr.type == "groupchat" then
+			assert.truthy(got, "no live copy of " .. body)
+			local sid = got:get_child_with_attr("stanza-id", NS_SID, "by", alice.bare)
+			assert.truthy(sid, body .. " has no stanza-id by " .. alice.bare)
+			assert.equal(r.id, sid.attr.id, body)
+		end
+	end
+
+	local mine_all = everything(alice, room_bob)
+	local plain_all = everything(palice, room_bob)
+	local groupchat_id = whole.results[1].id
+	assert.equal("groupchat", whole.results[1].message.attr.type)
+	for _, pair in ipairs({ { battery(room_bob, mine_all, groupchat_id), battery(room_bob, plain_all, "never-was") } }) do
+		for i, q in ipairs(pair[1]) do
+			local name = q[1]
+			local a = shape(mam(alice, q[2]), alice.bare)
+			local b = shape(mam(palice, pair[2][i][2]), palice.bare)
+			assert.same(b, a, name)
+		end
+	end
+	return alice, palice
+end
+
+---------------------------------------------------------------------------
+
+describe("private history:", function()
+	after_each(close_all)
+
+	describe("room on this server, internal storage,", function()
+		local srv
+		setup(function()
+			srv = Server.start{
+				module = true, modules = { "mam" }, muc_options = ROOM_OPTIONS,
+				vhosts = { { host = PLAIN, modules = { "mam" } } },
+			}
+		end)
+		teardown(function() srv:destroy() end)
+
+		it("a query by an occupant's full JID answers as without the module", function()
+			local alice = compare(srv, "pm@" .. srv.muc_host, srv, PLAIN)
+			-- Spot checks of what the comparison covered.
+			local page = mam(alice, { with = "pm@" .. srv.muc_host .. "/Bob", max = 2 })
+			assert.same({ "pm 1", "pm 2" }, bodies(page))
+			assert.is_false(page.complete)
+			assert.is_nil(page.count) -- internal storage gives no count
+			local last = mam(alice, { with = "pm@" .. srv.muc_host .. "/Bob", max = 2, before = true })
+			assert.same({ "pm 4", "pm 5" }, bodies(last))
+		end)
+
+		it("leaves no errors in the log", function() no_tracebacks(srv)() end)
+	end)
+
+	describe("room on this server, SQL storage,", function()
+		local srv
+		setup(function()
+			local limit = { max_archive_query_results = 4 }
+			srv = Server.start{
+				module = true, modules = { "mam" }, muc_options = ROOM_OPTIONS, options = limit,
+				vhosts = { { host = PLAIN, modules = { "mam" }, options = limit } },
+				global_options = {
+					storage = { archive = "sql" },
+					sql = { driver = "SQLite3", database = "archive.sqlite" },
+				},
+			}
+		end)
+		teardown(function() srv:destroy() end)
+
+		it("a query by an occupant's full JID answers as without the module", function()
+			local alice = compare(srv, "pm@" .. srv.muc_host, srv, PLAIN, 4)
+			local room_bob = "pm@" .. srv.muc_host .. "/Bob"
+			local page = mam(alice, { with = room_bob, max = 2 })
+			assert.same({ "pm 1", "pm 2" }, bodies(page))
+			assert.equal(5, page.count)
+			assert.is_false(page.complete)
+			local rest = mam(alice, { with = room_bob, max = 2, after = page.results[2].id })
+			assert.same({ "pm 3", "pm 4" }, bodies(rest))
+			assert.equal(5, rest.count)
+			assert.same({ error = "item-not-found" }, mam(alice, { with = room_bob, after = "no-such-id" }))
+			-- The room's own line is no id in this view.
+			local whole = mam(alice, { with = "pm@" .. srv.muc_host, max = 1 })
+			assert.equal("groupchat", whole.results[1].message.attr.type)
+			assert.same({ error = "item-not-found" }, mam(alice, { with = room_bob, after = whole.results[1].id }))
+		end)
+
+		it("leaves no errors in the log", function() no_tracebacks(srv)() end)
+	end)
+
+	describe("room on another server over s2s,", function()
+		local home, remote
+		local REMOTE = "remote.localhost"
+		setup(function()
+			home, remote = Server.federation{
+				home = { module = true, modules = { "mam" }, vhosts = { { host = PLAIN, modules = { "mam" } } } },
+				remote = { module = false, host = REMOTE, muc_host = "conference." .. REMOTE, muc_options = ROOM_OPTIONS },
+			}
+		end)
+		teardown(function()
+			home:destroy()
+			remote:destroy()
+		end)
+
+		it("a query by an occupant's full JID answers as without the module", function()
+			compare(home, "pm@conference." .. REMOTE, remote, REMOTE)
+		end)
+
+		it("leaves no errors in the log", function()
+			no_tracebacks(home)()
+			no_tracebacks(remote)()
+		end)
+	end)
+end)
