@@ -398,3 +398,124 @@ describe("private history:", function()
 		end)
 	end)
 end)
+
+---------------------------------------------------------------------------
+-- Upkeep: expiry, a full archive, "archive-message-added".
+
+--- Runs every periodic task of `host` now (mod_cron's, each in an async runner as mod_cron
+--- runs them); returns how many ran.
+local RUN_TASKS = [[local async = require "prosody.util.async"; local n = 0; ]]
+	.. [[for _, t in ipairs(require "prosody.core.modulemanager".get_module(%q, "mam").module:get_host_items("task")) do ]]
+	.. [[async.runner(function (task) task:run(os.time()) end):run(t); n = n + 1 end; return n]]
+
+--- Records every "archive-message-added" on `host` as "user id body" lines.
+local LISTEN = [[prosody.archive_events_test = {}; ]]
+	.. [[prosody.hosts[%q].events.add_handler("archive-message-added", function (e) ]]
+	.. [[local t = prosody.archive_events_test; ]]
+	.. [[t[#t + 1] = e.for_user .. " " .. e.id .. " " .. (e.stanza:get_child_text("body") or "-") ]]
+	.. [[.. " " .. tostring(e.origin and e.origin.type) end); return "listening"]]
+local HEARD = [[return "<" .. table.concat(prosody.archive_events_test or {}, "|") .. ">"]]
+
+local function groupchat_with_id(c, body)
+	local got = assert(c:wait_for(muc.groupchat(body)))
+	local sid = got:get_child_with_attr("stanza-id", NS_SID, "by", c.bare)
+	return got, sid and sid.attr.id
+end
+
+describe("archive upkeep:", function()
+	local srv
+	local QUOTA, FULL = "quota.localhost", "full.localhost"
+	setup(function()
+		srv = Server.start{
+			module = true, modules = { "mam" }, muc_options = ROOM_OPTIONS,
+			options = { archive_expires_after = 2 },
+			vhosts = {
+				{ host = QUOTA, module = true, modules = { "mam" }, options = { storage_archive_item_limit = 3 } },
+				{ host = FULL, module = true, modules = { "mam" }, options = { storage_archive_item_limit = 0 } },
+			},
+		}
+	end)
+	teardown(function() srv:destroy() end)
+	after_each(close_all)
+
+	it("expires groupchat after archive_expires_after for an account with no one-to-one chat", function()
+		local room = "expiry@" .. srv.muc_host
+		local bob = connect(srv, "bob", "pc", { host = QUOTA })
+		local alice = connect(srv, "alice", "phone")
+		join(bob, room .. "/Bob")
+		join(alice, room .. "/Alice")
+		say(bob, room, "old 1", { alice })
+		say(bob, room, "old 2", { alice })
+		assert.same({ "old 1", "old 2" }, bodies(mam(alice, { with = room })))
+		socket.sleep(2.5)
+		say(bob, room, "new", { alice })
+		-- mod_mam's task alone leaves alice's archive as it is: it never stored for her.
+		local ran = srv:eval(RUN_TASKS:format(srv.host))
+		assert.truthy(tonumber(ran), ran)
+		local left
+		for _ = 1, 50 do
+			left = bodies(mam(alice, { with = room }))
+			if #left == 1 then break end
+			socket.sleep(0.1)
+		end
+		assert.same({ "new" }, left)
+		assert.truthy(srv:log_has("Removed 2 expired messages from the archives of 1 accounts", true))
+	end)
+
+	it("fires archive-message-added for what it stores, with the archive's id", function()
+		local room = "events@" .. srv.muc_host
+		assert.equal("listening", (srv:eval(LISTEN:format(srv.host))))
+		local bob = connect(srv, "bob", "pc", { host = QUOTA })
+		local alice = connect(srv, "alice", "phone")
+		join(bob, room .. "/Bob")
+		join(alice, room .. "/Alice")
+		bob:send(Client.groupchat(room, "heard"))
+		local _, id = groupchat_with_id(alice, "heard")
+		assert.truthy(id)
+		alice:send(st.message({ to = room .. "/Bob", type = "chat", id = Client.new_id() }):text_tag("body", "told"))
+		assert(bob:wait_for(chat("told")))
+		settle(alice, bob)
+		local heard = assert(srv:eval(HEARD)):match("^<(.*)>$")
+		local lines = {}
+		for line in heard:gmatch("[^|]+") do lines[#lines + 1] = line end
+		assert.equal(2, #lines, heard)
+		assert.equal("alice " .. id .. " heard local", lines[1])
+		local told = mam(alice, { with = room .. "/Bob" })
+		assert.same({ "told" }, bodies(told))
+		assert.equal("alice " .. told.results[1].id .. " told c2s", lines[2])
+	end)
+
+	it("makes room in a full archive as mod_mam does, and forks what it cannot store", function()
+		local room = "quota@" .. srv.muc_host
+		local bob = connect(srv, "bob", "pc", { host = QUOTA })
+		local alice = connect(srv, "alice", "phone", { host = QUOTA })
+		local full = connect(srv, "alice", "phone", { host = FULL })
+		join(bob, room .. "/Bob")
+		join(alice, room .. "/Alice")
+		join(full, room .. "/Full")
+		local ids = {}
+		for i = 1, 5 do
+			bob:send(Client.groupchat(room, "q" .. i))
+			local _, id = groupchat_with_id(alice, "q" .. i)
+			ids[i] = id
+			-- The archive that can hold nothing: forked all the same, with no stanza-id.
+			local got, none = groupchat_with_id(full, "q" .. i)
+			assert.truthy(got)
+			assert.is_nil(none)
+		end
+		-- storage_archive_item_limit = 3: the oldest make room for the newest, as mod_mam
+		-- truncates an archive at its quota.
+		local kept = mam(alice, { with = room })
+		assert.same({ "q3", "q4", "q5" }, bodies(kept))
+		for i, r in ipairs(kept.results) do assert.equal(ids[i + 2], r.id) end
+		local note = "The archive of alice was full (storage_archive_item_limit = 3): removed its oldest messages"
+		assert.truthy(srv:log_has(note, true))
+		assert.truthy(srv:log_has("for alice: quota-limit: the archive of alice is full", true))
+		assert.same({}, bodies(mam(full, { with = room })))
+	end)
+
+	it("leaves no other errors in the log", function()
+		local found = srv:tracebacks({ "Could not archive a message from quota@" })
+		assert.same({}, found)
+	end)
+end)
