@@ -208,6 +208,15 @@ return function (archive)
 		local query = stanza.tags[1];
 		local x = query:get_child("x", NS_DATA);
 		if not x or dataforms.get_type(x) ~= NS_MAM then return; end
+		-- Most queries name no full JID: leave them to mod_mam before reading the whole form.
+		local full_jid = false;
+		for field in x:childtags("field") do
+			if field.attr.var == "with" then
+				full_jid = (field:get_child_text("value") or ""):find("/", 1, true) ~= nil;
+				break; -- the form takes the first
+			end
+		end
+		if not full_jid then return; end
 		local form, errors = query_form(store):data(x);
 		if errors or not (form.with and jid_resource(form.with)) then return; end
 
