@@ -152,7 +152,7 @@ end
 -- matching with, time and ids, whatever the after/before ids.
 local function find_paged(store, user, q)
 	for _, id in ipairs({ q.after or false, q.before or false }) do
-		if id then
+		if id and store.get then
 			local item, err = store:get(user, id);
 			if not item then return nil, err or "item-not-found"; end
 			if is_groupchat(item) then return nil, "item-not-found"; end
