@@ -184,6 +184,10 @@ local function persist(user)
 	end
 end
 
+-- What mod_mam does around storing (quota, expiry, "archive-message-added"), around the
+-- archive store's `append` (archive_upkeep.lib.lua beside this file).
+local archive_upkeep = module:require("archive_upkeep");
+
 -- The account's own MAM archive, when archiving is on.
 local archive_store;
 local function archive()
@@ -192,9 +196,19 @@ local function archive()
 		return nil;
 	end
 	if not archive_store then
-		archive_store = module:open_store(module:get_option_string("archive_store", "archive"), "archive");
+		archive_store = archive_upkeep.wrap(
+			module:open_store(module:get_option_string("archive_store", "archive"), "archive"));
 	end
 	return archive_store;
+end
+archive_upkeep.schedule(archive);
+
+-- A MAM query by an occupant's full JID returns the private messages only, as without the
+-- module (private_history.lib.lua beside this file).
+local private_ok, private_err = pcall(function () module:require("private_history")(archive); end);
+if not private_ok then
+	module:log("error", "MAM queries by a full JID return the room's groupchat too (private_history.lib.lua): %s",
+		tostring(private_err):match("^[^\n]*"));
 end
 
 -- A copy of `stanza` to store for the account `bare`, without any <stanza-id/> claiming to
@@ -240,7 +254,7 @@ local function archive_sent(origin, stanza)
 	local user = origin.username;
 	local bare = bare_jids[user];
 	local copy = own_copy(stanza, bare);
-	local id, err = store_to:append(user, nil, copy, time_now(), jid_bare(stanza.attr.to));
+	local id, err = store_to:append(user, nil, copy, time_now(), jid_bare(stanza.attr.to), origin);
 	if not id then
 		module:log("error", "Could not archive a message from %s to %s: %s", origin.full_jid, stanza.attr.to, err);
 	end
