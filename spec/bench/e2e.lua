@@ -11,7 +11,8 @@
 --            chat   the floor: 20 accounts send one-to-one chat to 20 others, on plain
 --                   Prosody with mod_mam (which stores each message twice, once in each
 --                   account's archive) and without it; always modes mam,nomam
---     modes:    comma-separated, default plain,minimix,minimix+archive
+--     modes:    comma-separated, default plain,minimix,minimix+archive; base:<mode> runs
+--               <mode> with the plugin in $BENCH_BASE_PLUGIN (another version, same run)
 --     storages: comma-separated, default internal: where archives are stored
 --               internal (Prosody's files) or sqlite (mod_storage_sql on SQLite3)
 --
@@ -122,9 +123,17 @@ end
 
 local current_storage = "internal"
 
+-- A mode named "base:<mode>" runs <mode> with the plugin in $BENCH_BASE_PLUGIN (a folder
+-- holding mod_minimix/), to compare two versions of the module in the same run.
 local function server_for(mode, names)
+	local plugin_path
+	if mode:match("^base:") then
+		plugin_path = assert(os.getenv("BENCH_BASE_PLUGIN"), "base: modes need BENCH_BASE_PLUGIN")
+		mode = mode:sub(6)
+	end
 	local options = { minimix_archive = mode == "minimix+archive" }
 	return Server.start{
+		plugin_path = plugin_path,
 		module = mode == "minimix" or mode == "minimix+archive", accounts = accounts_for(names), log_level = "warn",
 		modules = mode == "nomam" and WITHOUT_MAM or TYPICAL_MODULES,
 		options = options, global_options = storage_options(current_storage),
@@ -365,11 +374,17 @@ local function bench(shape)
 		row.floor = { us, lo, hi }
 		print(("  mod_mam per archived one-to-one message (the floor): %.1f µs of server CPU (rounds %.1f to %.1f)")
 			:format(us, lo, hi))
-	elseif results.minimix and results["minimix+archive"] and COPIES[shape] then
-		local us, lo, hi = per_copy("minimix+archive", "minimix", COPIES[shape] * p.messages)
-		row.per_copy = { us, lo, hi }
-		print(("  minimix per archived copy: %.1f µs of server CPU (rounds %.1f to %.1f), %d copies per message")
-			:format(us, lo, hi, COPIES[shape]))
+	elseif COPIES[shape] then
+		for _, prefix in ipairs{ "", "base:" } do
+			local with, without = prefix .. "minimix+archive", prefix .. "minimix"
+			if not results[without] then without = "minimix" end
+			if results[with] and results[without] then
+				local us, lo, hi = per_copy(with, without, COPIES[shape] * p.messages)
+				row[prefix .. "per_copy"] = { us, lo, hi }
+				print(("  %s per archived copy: %.1f µs of server CPU (rounds %.1f to %.1f; %s - %s), %d copies per message")
+					:format(prefix .. "minimix", us, lo, hi, with, without, COPIES[shape]))
+			end
+		end
 	end
 	summary[#summary + 1] = row
 	return bad
@@ -400,11 +415,13 @@ for _, row in ipairs(summary) do
 			end
 		end
 		local copy = ""
-		if row.per_copy then
-			copy = ("  per archived copy %.1f µs"):format(row.per_copy[1])
-			if floors[row.storage] then
-				copy = copy .. (" = %.2f x mod_mam's %.1f µs"):format(row.per_copy[1] / floors[row.storage],
-					floors[row.storage])
+		for _, prefix in ipairs{ "", "base:" } do
+			local pc = row[prefix .. "per_copy"]
+			if pc then
+				copy = copy .. ("  %sper archived copy %.1f µs"):format(prefix, pc[1])
+				if floors[row.storage] then
+					copy = copy .. (" = %.2f x mod_mam's %.1f µs"):format(pc[1] / floors[row.storage], floors[row.storage])
+				end
 			end
 		end
 		print(("  %-8s %-6s %s%s"):format(row.storage, row.shape, table.concat(parts, "  "), copy))
