@@ -12,7 +12,9 @@
 --                   Prosody with mod_mam (which stores each message twice, once in each
 --                   account's archive) and without it; always modes mam,nomam
 --     modes:    comma-separated, default plain,minimix,minimix+archive; base:<mode> runs
---               <mode> with the plugin in $BENCH_BASE_PLUGIN (another version, same run)
+--               <mode> with the plugin in $BENCH_BASE_PLUGIN (another version, same run);
+--               nostore:minimix+archive stubs the storage's append (stores nothing, one
+--               fixed id): the module's own part of an archived copy, without the storage
 --     storages: comma-separated, default internal: where archives are stored
 --               internal (Prosody's files) or sqlite (mod_storage_sql on SQLite3)
 --
@@ -127,6 +129,7 @@ local current_storage = "internal"
 -- holding mod_minimix/), to compare two versions of the module in the same run.
 local function server_for(mode, names)
 	local plugin_path
+	mode = mode:gsub("^nostore:", "")
 	if mode:match("^base:") then
 		plugin_path = assert(os.getenv("BENCH_BASE_PLUGIN"), "base: modes need BENCH_BASE_PLUGIN")
 		mode = mode:sub(6)
@@ -255,6 +258,14 @@ local function run_once(shape, mode)
 			shape, current_storage, mode, srv.pid)):read("l")
 		socket.sleep(0.5)
 	end
+	if mode:match("^nostore:") then
+		-- The archive's append replaced by one that stores nothing and returns a fixed id
+		-- (for every user of that storage driver on this server: only the module archives
+		-- during the message phase). What is left is the module's own part of a copy.
+		local res, out = srv:eval([[local s = prosody.hosts.localhost.modules.mam.module:open_store("archive", "archive"); ]]
+			.. [[getmetatable(s).__index.append = function() return "nostore-id" end; return "stubbed"]])
+		assert(res == "stubbed", "could not stub the archive's append: " .. out)
+	end
 	local cpu0, t0 = cpu_seconds(srv.pid), socket.gettime()
 	local rss0 = rss_kib(srv.pid)
 	local sent, total = 0, 0
@@ -375,7 +386,7 @@ local function bench(shape)
 		print(("  mod_mam per archived one-to-one message (the floor): %.1f µs of server CPU (rounds %.1f to %.1f)")
 			:format(us, lo, hi))
 	elseif COPIES[shape] then
-		for _, prefix in ipairs{ "", "base:" } do
+		for _, prefix in ipairs{ "", "base:", "nostore:" } do
 			local with, without = prefix .. "minimix+archive", prefix .. "minimix"
 			if not results[without] then without = "minimix" end
 			if results[with] and results[without] then
@@ -415,7 +426,7 @@ for _, row in ipairs(summary) do
 			end
 		end
 		local copy = ""
-		for _, prefix in ipairs{ "", "base:" } do
+		for _, prefix in ipairs{ "", "base:", "nostore:" } do
 			local pc = row[prefix .. "per_copy"]
 			if pc then
 				copy = copy .. ("  %sper archived copy %.1f µs"):format(prefix, pc[1])
