@@ -137,12 +137,16 @@ test-trunk: $(TRUNK_STAMP)
 
 # Speed and memory against plain Prosody and a pure-Lua implementation (README, Performance).
 # In process: Prosody's GC settings, then with 1,000 other memberships held, then Lua's
-# own GC settings; memory once.
+# own GC settings; memory once. The storage's own append, timed inside Prosody. End to end: both shapes and mod_mam's floor (the chat
+# shape), archives on Prosody's files, then on SQLite (fewer messages: every archived copy
+# is a transaction).
 bench: deps build
 	lua5.4 spec/bench/inprocess.lua
 	lua5.4 spec/bench/inprocess.lua --state 1000 --memory 0
 	lua5.4 spec/bench/inprocess.lua --gc lua --memory 0
-	lua5.4 spec/bench/e2e.lua both 3 2000
+	lua5.4 spec/bench/storage.lua
+	lua5.4 spec/bench/e2e.lua multi,single,chat 3 2000 plain,minimix,minimix+archive,nostore:minimix+archive internal
+	lua5.4 spec/bench/e2e.lua multi,single,chat 3 1000 plain,minimix,minimix+archive sqlite
 
 # Soak: 300 sessions of 100 accounts in 30 rooms, 20,000 messages, join/leave/disconnect
 # churn; every delivery checked, server RSS before and after (README, Reliability).

@@ -16,10 +16,12 @@
 --   storage with wildcard delete (SQL) mod_mam's task covers every account already; the
 --   module's task then deletes only when mod_mam is not loaded;
 -- - fires "archive-message-added" { origin, stanza, for_user, id } as mod_mam does after
---   storing, so that modules listening for what enters an archive (mod_cloud_notify's
---   push notifications) learn of it as of a one-to-one message.
+--   storing (`stanza`: a copy of what was stored, made only when something listens), so
+--   that modules listening for what enters an archive (mod_cloud_notify's push
+--   notifications) learn of it as of a one-to-one message.
 
 local cache = require "prosody.util.cache";
+local st = require "prosody.util.stanza";
 local async = require "prosody.util.async";
 local datestamp = require "prosody.util.datetime".date;
 local modulemanager = require "prosody.core.modulemanager";
@@ -92,9 +94,14 @@ local function append(_, user, key, value, when, with, origin)
 	end
 	if not id then return nil, err; end
 	note_for_expiry(user);
-	module:fire_event("archive-message-added", {
-		origin = origin or host_session, stanza = value, for_user = user, id = id,
-	});
+	-- The shim hands the room's own stanza to the storage, and then forks it (with the
+	-- archive's stanza-id, to each session's address): listeners get a copy of what was
+	-- stored, which nothing changes later. No listener, no copy.
+	if host_session.events.get_handlers("archive-message-added") then
+		module:fire_event("archive-message-added", {
+			origin = origin or host_session, stanza = st.clone(value), for_user = user, id = id,
+		});
+	end
 	return id;
 end
 

@@ -13,6 +13,7 @@ end
 
 local st = require "prosody.util.stanza";
 local jid_bare = require "prosody.util.jid".bare;
+local jid_prep = require "prosody.util.jid".prep;
 local jid_node = require "prosody.util.jid".node;
 local jid_host = require "prosody.util.jid".host;
 local new_id = require "prosody.util.id".short;
@@ -189,10 +190,11 @@ end
 local archive_upkeep = module:require("archive_upkeep");
 
 -- The account's own MAM archive, when archiving is on.
+local modulemanager = require "prosody.core.modulemanager";
 local archive_store;
 local function archive()
 	if archive_setting == false then return nil; end
-	if archive_setting == nil and not require "prosody.core.modulemanager".is_loaded(host, "mam") then
+	if archive_setting == nil and not modulemanager.is_loaded(host, "mam") then
 		return nil;
 	end
 	if not archive_store then
@@ -211,12 +213,28 @@ if not private_ok then
 		tostring(private_err):match("^[^\n]*"));
 end
 
+-- Whether `stanza` carries a <stanza-id/> claiming to be the archive of the account `bare`
+-- (only the archive may say that). `by` is compared as mod_mam does, after JID preparation;
+-- a room's own stanza-id (by the room) is told apart without it.
+local function claims_archive(stanza, bare, room)
+	local tags = stanza.tags;
+	for i = 1, #tags do
+		local tag = tags[i];
+		if tag.name == "stanza-id" and tag.attr.xmlns == NS_STANZA_ID then
+			local by = tag.attr.by;
+			if by == bare or (by ~= room and jid_prep(by) == bare) then return true; end
+		end
+	end
+	return false;
+end
+
 -- A copy of `stanza` to store for the account `bare`, without any <stanza-id/> claiming to
--- be the account's archive's (only the archive may say that).
-local function own_copy(stanza, bare)
+-- be the account's archive's.
+local function own_copy(stanza, bare, room)
 	local copy = st.clone(stanza);
 	copy:maptags(function (tag)
-		if tag.name == "stanza-id" and tag.attr.xmlns == NS_STANZA_ID and tag.attr.by == bare then
+		if tag.name == "stanza-id" and tag.attr.xmlns == NS_STANZA_ID
+			and (tag.attr.by == bare or (tag.attr.by ~= room and jid_prep(tag.attr.by) == bare)) then
 			return nil;
 		end
 		return tag;
@@ -224,23 +242,43 @@ local function own_copy(stanza, bare)
 	return copy;
 end
 
--- Store a live groupchat message once in the account's archive. The room hands the same
--- stanza to every occupant, so it is not changed: the copy that is forked carries the
--- archive's stanza-id (and never one a room made up in the account's name).
-local function archived_copy(user, stanza)
+-- Store a live message from a room once in the account's archive: returns the stanza to
+-- fork and the archive's id for it (nil when it could not be stored). The stanza itself is
+-- handed to the storage, which copies or serializes it before append returns (internal,
+-- memory and SQL storage all do), addressed to the account's bare JID as the room sent it;
+-- only when the room put a stanza-id in the account's name is a copy without it made.
+local function archive_live(user, stanza)
 	local store_to = archive();
-	if not store_to then return stanza; end
+	if not store_to then return stanza, nil; end
 	local bare = bare_jids[user];
-	local copy = own_copy(stanza, bare);
-	copy.attr.to = bare;
-	local id, err = store_to:append(user, nil, copy, time_now(), jid_bare(stanza.attr.from));
+	local from = stanza.attr.from;
+	local room = jid_bare(from);
+	if claims_archive(stanza, bare, room) then stanza = own_copy(stanza, bare, room); end
+	stanza.attr.to = bare;
+	local id, err = store_to:append(user, nil, stanza, time_now(), room);
 	if not id then
-		module:log("error", "Could not archive a message from %s for %s: %s", stanza.attr.from, user, err);
-		return copy;
+		module:log("error", "Could not archive a message from %s for %s: %s", from, user, err);
 	end
-	copy = st.clone(copy);
-	copy:tag("stanza-id", { xmlns = NS_STANZA_ID, by = bare, id = id }):up();
-	return copy;
+	return stanza, id;
+end
+
+-- The archive's <stanza-id/> on the stanza to fork, for as long as it is sent: the room may
+-- hand the same stanza object to other accounts after this one, so `unstamp` takes it off
+-- again. Sending serializes (or copies, as mod_smacks and mod_csi_simple do) at once.
+local function stamp(stanza, user, id)
+	local tag = st.stanza("stanza-id", { xmlns = NS_STANZA_ID, by = bare_jids[user], id = id });
+	stanza:add_direct_child(tag);
+	return tag;
+end
+
+local function unstamp(stanza, tag)
+	local tags = stanza.tags;
+	if tags[#tags] == tag and stanza[#stanza] == tag then
+		tags[#tags] = nil;
+		stanza[#stanza] = nil;
+	else
+		stanza:maptags(function (t) if t == tag then return nil; end return t; end);
+	end
 end
 
 -- A message a session sends to its room or to an occupant (a private message, an
@@ -253,8 +291,9 @@ local function archive_sent(origin, stanza)
 	if not module:fire_event("archive-should-store", { stanza = stanza, session = origin }) then return; end
 	local user = origin.username;
 	local bare = bare_jids[user];
-	local copy = own_copy(stanza, bare);
-	local id, err = store_to:append(user, nil, copy, time_now(), jid_bare(stanza.attr.to), origin);
+	local with = jid_bare(stanza.attr.to);
+	local copy = own_copy(stanza, bare, with);
+	local id, err = store_to:append(user, nil, copy, time_now(), with, origin);
 	if not id then
 		module:log("error", "Could not archive a message from %s to %s: %s", origin.full_jid, stanza.attr.to, err);
 	end
@@ -355,15 +394,16 @@ local function finish(stanza, ok, handled, user, actions, notes, recipients, fla
 		return nil;
 	end
 	if notes then log_notes(notes, flags & FLAG_WARN ~= 0 and "warn" or "info"); end
+	local archived_id;
 	if flags ~= 0 then
 		if flags & FLAG_SOONER_DEADLINE ~= 0 then rearm_timers(); end
 		if flags & FLAG_PERSIST ~= 0 then persist(user); end
 		if flags & FLAG_ARCHIVE ~= 0 then
-			local done, copy = pcall(archived_copy, user, stanza);
+			local done, out, id = pcall(archive_live, user, stanza);
 			if done then
-				stanza = copy;
+				stanza, archived_id = out, id;
 			else
-				log_error("to archive %s", stanza, copy);
+				log_error("to archive %s", stanza, out);
 			end
 		end
 	end
@@ -375,6 +415,8 @@ local function finish(stanza, ok, handled, user, actions, notes, recipients, fla
 	-- twice, none loses it).
 	local attr = stanza and stanza.attr; -- none for what the module does of its own accord
 	local from, to = attr and attr.from, attr and attr.to;
+	local stamped = archived_id and (recipients ~= nil or (actions ~= nil and actions[1] ~= nil))
+		and stamp(stanza, user, archived_id);
 	local sent, err = true, nil;
 	if flags & FLAG_ONE_SESSION ~= 0 then
 		sent, err = pcall(deliver_all, recipients, actions, stanza);
@@ -383,6 +425,7 @@ local function finish(stanza, ok, handled, user, actions, notes, recipients, fla
 	elseif actions[1] then
 		sent, err = pcall(carry_out, user, actions, stanza);
 	end
+	if stamped then unstamp(stanza, stamped); end
 	if not sent then
 		if attr then attr.from, attr.to = from, to; end
 		log_error("while sending for %s, passing it on untouched", stanza, err);

@@ -4,7 +4,8 @@
 # lua-unbound (Prosody's DNS resolver; without it Prosody prints a warning at every start),
 # and what building Prosody trunk from source needs (make test-trunk): a C compiler, the
 # ICU and OpenSSL headers (its ./configure uses ICU for IDNA unless told otherwise),
-# lua-expat, lua-filesystem, lua-socket and lua-sec; valgrind (make fuzz).
+# lua-expat, lua-filesystem, lua-socket and lua-sec; valgrind (make fuzz); lua-dbi-sqlite3
+# (Prosody's SQL storage on SQLite, for the archive specs and make bench).
 # Quick and silent when everything is there.
 # The backports source is derived from the machine's own apt sources, so no
 # mirror host name is written here.
@@ -22,7 +23,7 @@ command -v cc >/dev/null 2>&1 || need+=(gcc)
 command -v make >/dev/null 2>&1 || need+=(make)
 command -v valgrind >/dev/null 2>&1 || need+=(valgrind)
 # Libraries: ask dpkg which of these are installed, in one call.
-libs=(lua-socket lua-expat lua-filesystem lua-sec lua-unbound libicu-dev libssl-dev libc6-dev)
+libs=(lua-socket lua-expat lua-filesystem lua-sec lua-unbound lua-dbi-sqlite3 libicu-dev libssl-dev libc6-dev)
 have=" $(dpkg-query -W -f='${Package} ${db:Status-Abbrev}\n' "${libs[@]}" 2>/dev/null | awk '$2 == "ii" { printf "%s ", $1 }' || true)"
 for p in "${libs[@]}"; do
   case "$have" in *" $p "*) ;; *) need+=("$p") ;; esac

@@ -1,31 +1,55 @@
 -- End-to-end benchmark: the same groupchat load on plain Prosody and on Prosody with
 -- mod_minimix (without and with its MAM archive), side by side in one run, alternating,
--- reporting medians and ratios.
+-- reporting medians and ratios; and what the archive costs per stored copy next to what
+-- mod_mam itself spends to archive a one-to-one chat message on the same storage.
 --
---   lua5.4 spec/bench/e2e.lua [shape] [runs] [messages] [modes]
---     shape: multi  (20 accounts x 3 sessions in one room; the default)
---            single (200 accounts x 1 session, 50 rooms of 20 accounts each)
---            both
---     modes: comma-separated, default plain,minimix,minimix+archive
+--   lua5.4 spec/bench/e2e.lua [shapes] [runs] [messages] [modes] [storages]
+--     shapes: comma-separated, or "both" (multi,single; the default) or "all"
+--            multi  20 accounts x 3 sessions in one room (plus the sender's account)
+--            single 60 accounts x 1 session in one room (the first account sends)
+--            rooms  200 accounts x 1 session, 50 rooms of 20 accounts each
+--            chat   the floor: 20 accounts send one-to-one chat to 20 others, on plain
+--                   Prosody with mod_mam (which stores each message twice, once in each
+--                   account's archive) and without it; always modes mam,nomam
+--     modes:    comma-separated, default plain,minimix,minimix+archive; base:<mode> runs
+--               <mode> with the plugin in $BENCH_BASE_PLUGIN (another version, same run);
+--               nostore:minimix+archive stubs the storage's append (stores nothing, one
+--               fixed id): the module's own part of an archived copy, without the storage
+--     storages: comma-separated, default internal: where archives are stored
+--               internal (Prosody's files) or sqlite (mod_storage_sql on SQLite3)
 --
 -- Server CPU is read from /proc/<pid>/stat (utime + stime) around the message phase only;
 -- wall time runs from the first message sent until every session has every message.
 -- Sessions are counted by scanning the raw stream for the benchmark's body marker, so the
--- client side stays cheap.
+-- client side stays cheap. The cost per archived copy is, per round, (CPU of
+-- minimix+archive - CPU of minimix) / (messages x accounts in the room), the median over
+-- the rounds; mod_mam's floor is (CPU with mod_mam - CPU without) / (2 x messages).
+--
+-- BENCH_PERF=<mode> records the server with `perf record -g` during that mode's message
+-- phase (perf-<shape>-<storage>-<mode>.data in the current directory), for profiling.
 package.path = "./?.lua;./spec/?.lua;" .. package.path
 local Server = require "spec.helpers.server"
 local Client = require "spec.helpers.client"
 local socket = require "socket"
 
 local st = Client.stanza
-local shape_arg = arg[1] or "multi"
+local function list_arg(value, default)
+	local out = {}
+	for item in (value or default):gmatch("[^,]+") do out[#out + 1] = item end
+	return out
+end
+local SHAPE_SETS = { both = "multi,single", all = "multi,single,rooms,chat" }
+local SHAPES = list_arg(SHAPE_SETS[arg[1] or "both"] or arg[1], "")
 local RUNS = tonumber(arg[2]) or 3
 local MESSAGES = tonumber(arg[3]) or 2000
+local STORAGES = list_arg(arg[5], "internal")
 local MUC = "conference.localhost"
 local CLK_TCK = 100
--- What a typical production VirtualHost loads on top of the harness's base set; the
--- clients enable carbons, as real ones do.
+-- What a typical production VirtualHost loads on top of the harness's base set (the
+-- benchmark's clients do not enable carbons).
 local TYPICAL_MODULES = { "mam", "carbons", "csi_simple", "vcard_legacy", "pep", "bookmarks", "blocklist" }
+local WITHOUT_MAM = {}
+for _, m in ipairs(TYPICAL_MODULES) do if m ~= "mam" then WITHOUT_MAM[#WITHOUT_MAM + 1] = m end end
 
 local function cpu_seconds(pid)
 	local f = assert(io.open("/proc/" .. pid .. "/stat"))
@@ -87,17 +111,35 @@ local shapes = {}
 
 -- Modes: plain Prosody; mod_minimix doing the same work (no archive: plain Prosody's
 -- mod_mam never archives groupchat); mod_minimix also storing every message in each
--- account's MAM archive (flow 16, on by default when mod_mam is loaded).
-local MODES = { "plain", "minimix", "minimix+archive" }
-if arg[4] then
-	MODES = {}
-	for mode in arg[4]:gmatch("[^,]+") do MODES[#MODES + 1] = mode end
+-- account's MAM archive (flow 16, on by default when mod_mam is loaded). The chat shape
+-- has modes of its own: plain Prosody with (mam) and without mod_mam (nomam).
+local MODES = list_arg(arg[4], "plain,minimix,minimix+archive")
+local CHAT_MODES = { "nomam", "mam" }
+
+-- Where archives go: the server's `storage` option (memberships stay in files).
+local function storage_options(storage)
+	if storage == "internal" then return { storage = "internal" } end
+	assert(storage == "sqlite", "storage: internal or sqlite, not " .. tostring(storage))
+	return { storage = { archive = "sql" }, sql = { driver = "SQLite3", database = "archive.sqlite" } }
 end
 
+local current_storage = "internal"
+
+-- A mode named "base:<mode>" runs <mode> with the plugin in $BENCH_BASE_PLUGIN (a folder
+-- holding mod_minimix/), to compare two versions of the module in the same run.
 local function server_for(mode, names)
+	local plugin_path
+	mode = mode:gsub("^nostore:", "")
+	if mode:match("^base:") then
+		plugin_path = assert(os.getenv("BENCH_BASE_PLUGIN"), "base: modes need BENCH_BASE_PLUGIN")
+		mode = mode:sub(6)
+	end
+	local options = { minimix_archive = mode == "minimix+archive" }
 	return Server.start{
-		module = mode ~= "plain", accounts = accounts_for(names), log_level = "warn", modules = TYPICAL_MODULES,
-		options = { minimix_archive = mode == "minimix+archive" },
+		plugin_path = plugin_path,
+		module = mode == "minimix" or mode == "minimix+archive", accounts = accounts_for(names), log_level = "warn",
+		modules = mode == "nomam" and WITHOUT_MAM or TYPICAL_MODULES,
+		options = options, global_options = storage_options(current_storage),
 		muc_options = { muc_room_locking = false, max_history_messages = 20 },
 	}
 end
@@ -126,7 +168,25 @@ function shapes.multi(mode)
 	return srv, { { client = sender, room = room, count = MESSAGES } }, sessions, function() return MESSAGES end
 end
 
+-- One room: `accounts` accounts with one session each; the first one sends.
 function shapes.single(mode)
+	local with_module = mode ~= "plain"
+	local names = {}
+	for i = 1, 60 do names[i] = "user" .. i end
+	local srv = server_for(mode, names)
+	local room = "bench@" .. MUC
+	local sessions = {}
+	for i = 1, 60 do
+		local c = Client.connect{ port = srv.port, user = "user" .. i, resource = "r" }
+		local nick = with_module and ("user" .. i) or ("user" .. i .. "-r")
+		c:send(Client.muc_join(room .. "/" .. nick, { history = { maxstanzas = 0 } }))
+		assert(c:wait_for(function(el) return Client.muc_status(el)[110] end, 10))
+		sessions[i] = c
+	end
+	return srv, { { client = sessions[1], room = room, count = MESSAGES } }, sessions, function() return MESSAGES end
+end
+
+function shapes.rooms(mode)
 	local names = {}
 	for i = 1, 200 do names[i] = "user" .. i end
 	local srv = server_for(mode, names)
@@ -153,6 +213,24 @@ function shapes.single(mode)
 	return srv, senders, sessions, function() return per_room * 5 end
 end
 
+-- The floor: 20 accounts each send one-to-one chat to one other account (bare JID, one
+-- session each); mod_mam, when loaded, stores each message in both accounts' archives.
+function shapes.chat(mode)
+	local _ = mode
+	local names = {}
+	for i = 1, 40 do names[i] = "user" .. i end
+	local srv = server_for(mode, names)
+	local sessions, senders = {}, {}
+	for i = 1, 40 do sessions[i] = Client.connect{ port = srv.port, user = "user" .. i, resource = "r" } end
+	local per_pair = MESSAGES // 20
+	for i = 1, 20 do
+		senders[i] = { client = sessions[i], to = "user" .. (i + 20) .. "@localhost", type = "chat", count = per_pair }
+	end
+	local receivers = {}
+	for i = 21, 40 do receivers[#receivers + 1] = sessions[i] end
+	return srv, senders, receivers, function() return per_pair end
+end
+
 local function run_once(shape, mode)
 	local srv, senders, sessions, expected_each = shapes[shape](mode)
 	local all = {}
@@ -171,9 +249,23 @@ local function run_once(shape, mode)
 	for _, c in ipairs(sessions) do expected[by_client[c]] = expected_each() end
 	-- The multi shape's sender is not one of the counted sessions but gets reflections.
 	for _, s in ipairs(senders) do
-		if not expected[by_client[s.client]] then expected[by_client[s.client]] = s.count end
+		if s.room and not expected[by_client[s.client]] then expected[by_client[s.client]] = s.count end
 	end
 
+	local perf
+	if os.getenv("BENCH_PERF") == mode then
+		perf = io.popen(("perf record -g -q -o perf-%s-%s-%s.data -p %d 2>/dev/null & echo $!"):format(
+			shape, current_storage, mode, srv.pid)):read("l")
+		socket.sleep(0.5)
+	end
+	if mode:match("^nostore:") then
+		-- The archive's append replaced by one that stores nothing and returns a fixed id
+		-- (for every user of that storage driver on this server: only the module archives
+		-- during the message phase). What is left is the module's own part of a copy.
+		local res, out = srv:eval([[local s = prosody.hosts.localhost.modules.mam.module:open_store("archive", "archive"); ]]
+			.. [[getmetatable(s).__index.append = function() return "nostore-id" end; return "stubbed"]])
+		assert(res == "stubbed", "could not stub the archive's append: " .. out)
+	end
 	local cpu0, t0 = cpu_seconds(srv.pid), socket.gettime()
 	local rss0 = rss_kib(srv.pid)
 	local sent, total = 0, 0
@@ -186,8 +278,8 @@ local function run_once(shape, mode)
 				if k < s.count then
 					k = k + 1; sent = sent + 1
 					s.client.sock:settimeout(5)
-					s.client.sock:send(tostring(st.message({ to = s.room, type = "groupchat", id = "b" .. sent })
-						:text_tag("body", "bmk" .. sent)))
+					s.client.sock:send(tostring(st.message({ to = s.to or s.room, type = s.type or "groupchat",
+						id = "b" .. sent }):text_tag("body", "bmk" .. sent)))
 				end
 			end
 			progress[s] = k
@@ -202,6 +294,10 @@ local function run_once(shape, mode)
 	while not done() and socket.gettime() < deadline do pump(counters, by_sock, 0.5) end
 	local wall = socket.gettime() - t0
 	local cpu = cpu_seconds(srv.pid) - cpu0
+	if perf then
+		os.execute("kill -INT " .. perf)
+		socket.sleep(2)
+	end
 	-- Anything late would be a duplicate: wait a moment and count again.
 	local settle = socket.gettime() + 0.5
 	while socket.gettime() < settle do pump(counters, by_sock, 0.1) end
@@ -224,15 +320,21 @@ local function median(list)
 	return list[(#list + 1) // 2]
 end
 
+-- Archived copies per message: one per account in the room (the sender's included).
+local COPIES = { multi = 21, single = 60, rooms = 20 }
+
+local summary = {}
+
 local function bench(shape)
+	local modes = shape == "chat" and CHAT_MODES or MODES
 	local results = {}
-	for _, mode in ipairs(MODES) do results[mode] = {} end
+	for _, mode in ipairs(modes) do results[mode] = {} end
 	for i = 1, RUNS do
-		for _, mode in ipairs(MODES) do
+		for _, mode in ipairs(modes) do
 			local r = run_once(shape, mode)
 			table.insert(results[mode], r)
-			io.stderr:write(("  run %d %-15s cpu %.2fs wall %.2fs delivered %d/%d lost %d dup %d\n")
-				:format(i, mode, r.cpu, r.wall, r.delivered, r.want, r.lost, r.dup))
+			io.stderr:write(("  %s %s run %d %-15s cpu %.2fs wall %.2fs delivered %d/%d lost %d dup %d\n")
+				:format(current_storage, shape, i, mode, r.cpu, r.wall, r.delivered, r.want, r.lost, r.dup))
 		end
 	end
 	local out = {}
@@ -245,27 +347,98 @@ local function bench(shape)
 		out[mode] = { cpu = median(cpus), wall = median(walls), lost = lost, dup = dup,
 			delivered = rs[1].delivered, messages = rs[1].messages, rss = median(rss) }
 	end
-	local p = out.plain
-	print(("shape %s: %d messages, %d deliveries per run, medians of %d alternating runs"):format(
-		shape, p.messages, p.delivered, RUNS))
+	local base = shape == "chat" and "nomam" or "plain"
+	local p = out[base]
+	print(("storage %s, shape %s: %d messages, %d deliveries per run, medians of %d alternating runs"):format(
+		current_storage, shape, p.messages, p.delivered, RUNS))
 	local line = "  %-15s server CPU %7.3f s (%6.3f ms/message)  wall %7.3f s  lost %d  duplicated %d"
 		.. "  RSS growth over the messages %d KiB"
 	local bad = 0
-	for _, mode in ipairs(MODES) do
+	for _, mode in ipairs(modes) do
 		local m = out[mode]
 		print(line:format(mode, m.cpu, m.cpu * 1000 / m.messages, m.wall, m.lost, m.dup, m.rss))
 		bad = bad + m.lost + m.dup
 	end
-	for _, mode in ipairs(MODES) do
-		if mode ~= "plain" then
+	local row = { storage = current_storage, shape = shape, ratios = {}, spread = {} }
+	for _, mode in ipairs(modes) do
+		if mode ~= base then
 			local m = out[mode]
-			print(("  ratio %s/plain: CPU %.2f  wall %.2f"):format(mode, m.cpu / p.cpu, m.wall / p.wall))
+			-- The spread of the ratio over the rounds says how noisy the run was.
+			local per_round = {}
+			for i = 1, RUNS do per_round[i] = results[mode][i].cpu / results[base][i].cpu end
+			table.sort(per_round)
+			row.ratios[mode] = m.cpu / p.cpu
+			row.spread[mode] = { per_round[1], per_round[#per_round] }
+			print(("  ratio %s/%s: CPU %.2f (rounds %.2f to %.2f)  wall %.2f"):format(mode, base, m.cpu / p.cpu,
+				per_round[1], per_round[#per_round], m.wall / p.wall))
 		end
 	end
+	-- Per stored copy: the paired difference of each round, median over the rounds.
+	local function per_copy(with, without, copies)
+		local d = {}
+		for i = 1, RUNS do d[i] = (results[with][i].cpu - results[without][i].cpu) / copies * 1e6 end
+		table.sort(d)
+		return median({ table.unpack(d) }), d[1], d[#d]
+	end
+	if shape == "chat" then
+		local us, lo, hi = per_copy("mam", "nomam", 2 * p.messages)
+		row.floor = { us, lo, hi }
+		print(("  mod_mam per archived one-to-one message (the floor): %.1f µs of server CPU (rounds %.1f to %.1f)")
+			:format(us, lo, hi))
+	elseif COPIES[shape] then
+		for _, prefix in ipairs{ "", "base:", "nostore:" } do
+			local with, without = prefix .. "minimix+archive", prefix .. "minimix"
+			if not results[without] then without = "minimix" end
+			if results[with] and results[without] then
+				local us, lo, hi = per_copy(with, without, COPIES[shape] * p.messages)
+				row[prefix .. "per_copy"] = { us, lo, hi }
+				print(("  %s per archived copy: %.1f µs of server CPU (rounds %.1f to %.1f; %s - %s), %d copies per message")
+					:format(prefix .. "minimix", us, lo, hi, with, without, COPIES[shape]))
+			end
+		end
+	end
+	summary[#summary + 1] = row
 	return bad
 end
 
 local bad = 0
-if shape_arg == "multi" or shape_arg == "both" then bad = bad + bench("multi") end
-if shape_arg == "single" or shape_arg == "both" then bad = bad + bench("single") end
+for _, storage in ipairs(STORAGES) do
+	current_storage = storage
+	for _, shape in ipairs(SHAPES) do
+		assert(shapes[shape], "no shape " .. shape)
+		bad = bad + bench(shape)
+	end
+end
+
+-- One table for all: ratios to plain Prosody, and the archive's cost per copy next to
+-- mod_mam's on the same storage.
+print()
+print("summary (server CPU; ratio to plain Prosody with the same modules and storage)")
+local floors = {}
+for _, row in ipairs(summary) do if row.floor then floors[row.storage] = row.floor[1] end end
+for _, row in ipairs(summary) do
+	if row.shape ~= "chat" then
+		local parts = {}
+		for _, mode in ipairs(MODES) do
+			if row.ratios[mode] then
+				parts[#parts + 1] = ("%s %.2f (%.2f-%.2f)"):format(mode, row.ratios[mode], row.spread[mode][1],
+					row.spread[mode][2])
+			end
+		end
+		local copy = ""
+		for _, prefix in ipairs{ "", "base:", "nostore:" } do
+			local pc = row[prefix .. "per_copy"]
+			if pc then
+				copy = copy .. ("  %sper archived copy %.1f µs"):format(prefix, pc[1])
+				if floors[row.storage] then
+					copy = copy .. (" = %.2f x mod_mam's %.1f µs"):format(pc[1] / floors[row.storage], floors[row.storage])
+				end
+			end
+		end
+		print(("  %-8s %-6s %s%s"):format(row.storage, row.shape, table.concat(parts, "  "), copy))
+	else
+		print(("  %-8s %-6s mod_mam per archived one-to-one message %.1f µs (rounds %.1f-%.1f)"):format(row.storage,
+			row.shape, row.floor[1], row.floor[2], row.floor[3]))
+	end
+end
 os.exit(bad == 0 and 0 or 1)
