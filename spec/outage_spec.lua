@@ -14,8 +14,7 @@ local Server = require "spec.helpers.server"
 local Client = require "spec.helpers.client"
 local muc = require "spec.helpers.muc"
 local socket = require "socket"
-local http = require "socket.http"
-local ltn12 = require "ltn12"
+local metrics = require "spec.helpers.metrics"
 local st = Client.stanza
 
 local HOME, REMOTE = "localhost", "remote.localhost"
@@ -57,27 +56,7 @@ local function pass(seconds, ...)
 	end
 end
 
---- `name{host="localhost"} value` from an OpenMetrics text.
-local function metric(text, name)
-	local pattern = "\n" .. name:gsub("[%p]", "%%%0") .. "{host=\"localhost\"} ([%d%.e+-]+)"
-	local value = ("\n" .. text):match(pattern)
-	return value and tonumber(value)
-end
-
-local function scrape(srv)
-	local body, code
-	for _ = 1, 50 do
-		body = {}
-		_, code = http.request{
-			url = ("http://127.0.0.1:%d/metrics"):format(srv.http_port),
-			sink = ltn12.sink.table(body),
-		}
-		if code ~= "connection refused" then break end
-		socket.sleep(0.1)
-	end
-	assert.equal(200, code, "GET /metrics: " .. tostring(code))
-	return table.concat(body)
-end
+local metric, scrape = metrics.metric, metrics.scrape
 
 --- alice's phone joins `room` (bob is in it), `before` is said, and the phone goes
 --- offline: the account stays in the room with no session.
