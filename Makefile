@@ -137,9 +137,9 @@ test-trunk: $(TRUNK_STAMP)
 
 # Speed and memory against plain Prosody and a pure-Lua implementation (README, Performance).
 # In process: Prosody's GC settings, then with 1,000 other memberships held, then Lua's
-# own GC settings; memory once. The storage's own append, timed inside Prosody. End to end: both shapes and mod_mam's floor (the chat
-# shape), archives on Prosody's files, then on SQLite (fewer messages: every archived copy
-# is a transaction).
+# own GC settings; memory once. The storage's own append, timed inside Prosody. End to
+# end: both shapes and mod_mam's floor (the chat shape), archives on Prosody's files, then
+# on SQLite (fewer messages: every archived copy is a transaction).
 bench: deps build
 	lua5.4 spec/bench/inprocess.lua
 	lua5.4 spec/bench/inprocess.lua --state 1000 --memory 0
