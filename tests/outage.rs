@@ -285,6 +285,31 @@ fn a_rejoin_refused_for_good_drops_the_membership() {
 }
 
 #[test]
+fn a_bounce_from_a_link_that_went_away_is_tried_again_and_a_late_error_ends_nothing() {
+    // mod_smacks answers what a dropped s2s link never acknowledged with
+    // recipient-unavailable; that is no refusal by the room.
+    let mut w = joined_offline();
+    w.room(&put_out(333));
+    let sent_at = attempt_at(T0, 1);
+    assert_eq!(tick(&mut w, sent_at), [MODULE_JOIN]);
+    w.now = sent_at + 1;
+    let s = w.room(&join_error("cancel", "recipient-unavailable"));
+    assert!(!s.persist);
+    assert_eq!(w.persisted().len(), 1);
+    let next = attempt_at(sent_at + 1, 2);
+    assert_eq!(tick(&mut w, next), [MODULE_JOIN]);
+    // That attempt gets no answer in time: counted as failed; its error comes later and
+    // ends nothing (no join of the module's waits then).
+    let timeout = w.host.config().iq_timeout;
+    tick(&mut w, next + timeout);
+    w.now = next + timeout + 1;
+    let late = w.room(&join_error("cancel", "remote-server-timeout"));
+    assert!(late.acts.is_empty() && !late.persist, "{:?}", late.acts);
+    assert_eq!(w.persisted().len(), 1);
+    assert!(w.host.next_deadline().is_some());
+}
+
+#[test]
 fn an_unanswered_rejoin_is_a_failed_attempt() {
     let mut w = joined_offline();
     w.room(&put_out(333));

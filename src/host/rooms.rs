@@ -91,6 +91,12 @@ impl Host {
         if head.is_type("error") {
             match m.phase {
                 Phase::Joining => {
+                    if matches!(m.rejoin, Some(Rejoin::Due { .. } | Rejoin::GaveUp)) {
+                        // No join of the module's waits for an answer: this one answers an
+                        // attempt already counted as failed (no answer in time). It ends
+                        // nothing.
+                        return out;
+                    }
                     out.fork(m);
                     let condition = el.error_condition();
                     let error_type = el.child_attr("error", NS_CLIENT, "type");
