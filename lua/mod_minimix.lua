@@ -692,7 +692,9 @@ local function next_run()
 	if not ok then
 		log_error("reading its timers (%s)", nil, deadline);
 	elseif deadline then
-		return math.max(1, deadline - os.time());
+		-- At least every minimix_iq_timeout: an IQ proxied meanwhile expires then, and
+		-- proxying one does not move the core's next deadline.
+		return math.max(1, math.min(deadline - os.time(), config.iq_timeout));
 	end
 	return config.iq_timeout;
 end

@@ -72,30 +72,25 @@ pub fn ping_answer(error: bool, condition: Option<&str>) -> PingAnswer {
     }
 }
 
-/// Whether an error answer to a rejoin is worth another attempt. Only the room's own
-/// refusals are its last word, as for any join (flow 2): banned (`forbidden`), members-only
-/// (`registration-required`), a password refused (`not-authorized`), the nick taken
-/// (`conflict`), a room that is gone or cannot be made (`gone`, `item-not-found`,
-/// `not-allowed`), a nick or address it does not take (`not-acceptable`, `jid-malformed`,
-/// `bad-request`). Everything else comes as often from the way there as from the room
-/// (RFC 6120 §8.3.2: a `wait` error says "retry after waiting", e.g. a full room; mod_s2s
-/// bounces with the reason a link closed, mod_smacks with `recipient-unavailable` for what
-/// a dropped link never acknowledged) and is tried again, a bounded number of times.
+/// Whether an error answer to a rejoin is worth another attempt: the error says to wait
+/// (RFC 6120 §8.3.2: "retry after waiting", e.g. a full room), or it comes from the way
+/// there rather than from the room: the room's server could not be reached, mod_smacks
+/// answered what a dropped s2s link never acknowledged (`recipient-unavailable`), a server
+/// failed on the way (`internal-server-error`, `resource-constraint`,
+/// `undefined-condition`), or the error names no condition at all. Anything else (banned,
+/// members-only, a password refused, a room that is gone) is the room's last word, as for
+/// any join (flow 2).
 pub fn join_error_is_transient(error_type: Option<&str>, condition: Option<&str>) -> bool {
     error_type == Some("wait")
-        || !matches!(
+        || matches!(
             condition,
-            Some(
-                "forbidden"
-                    | "registration-required"
-                    | "not-authorized"
-                    | "conflict"
-                    | "gone"
-                    | "item-not-found"
-                    | "not-allowed"
-                    | "not-acceptable"
-                    | "jid-malformed"
-                    | "bad-request"
+            None | Some(
+                "remote-server-not-found"
+                    | "remote-server-timeout"
+                    | "recipient-unavailable"
+                    | "internal-server-error"
+                    | "resource-constraint"
+                    | "undefined-condition"
             )
         )
 }
@@ -160,7 +155,7 @@ mod tests {
     }
 
     #[test]
-    fn only_the_rooms_own_refusals_are_final() {
+    fn only_network_failures_and_wait_errors_are_tried_again() {
         assert!(join_error_is_transient(
             Some("cancel"),
             Some("remote-server-not-found")
@@ -180,8 +175,12 @@ mod tests {
         ));
         assert!(!join_error_is_transient(Some("cancel"), Some("gone")));
         assert!(!join_error_is_transient(Some("cancel"), Some("conflict")));
-        // What a link that went away bounces (mod_smacks, mod_s2s), and an error that
-        // says nothing: tried again.
+        assert!(!join_error_is_transient(
+            Some("cancel"),
+            Some("service-unavailable")
+        ));
+        // What a link that went away bounces (mod_smacks), a failure on the way, and an
+        // error that says nothing: tried again.
         assert!(join_error_is_transient(
             Some("cancel"),
             Some("recipient-unavailable")

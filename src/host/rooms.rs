@@ -187,13 +187,19 @@ impl Host {
                     stanza: Out::New(presence::instant_room(room)),
                 });
             }
-            if m.phase == Phase::Joining {
+            let was_joining = m.phase == Phase::Joining;
+            if was_joining {
                 out.note(Note::Joined { user, room, nick });
                 out.persist = true;
             }
             m.confirmed = true;
             m.phase = Phase::Joined;
-            in_room(&mut self.timers, ping_interval, user, m, now);
+            // The self-ping cycle starts when the account is (back) in the room; a later
+            // self-presence (a nick or role change, or a room repeating itself) leaves it
+            // and the ping in flight alone, and adds no timer entry.
+            if was_joining || m.rejoin.is_some() || m.wake.is_none() {
+                in_room(&mut self.timers, ping_interval, user, m, now);
+            }
             m.mark_all_joined();
             m.nick = nick.to_owned();
             m.nick_change_by = None;
