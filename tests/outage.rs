@@ -471,3 +471,23 @@ fn self_pings_are_spread_over_the_interval_and_can_be_turned_off() {
     assert!(tick(&mut w, T0 + 3600).is_empty());
     assert_eq!(w.host.stats().self_pings, 0);
 }
+
+#[test]
+fn a_repeated_self_presence_leaves_the_ping_cycle_alone() {
+    let mut w = joined_offline();
+    let at = first_check(T0);
+    assert_eq!(w.host.next_deadline(), Some(at));
+    // The room repeats the account's self-presence (a role change, or a room flooding
+    // them): the check stays where it was, and no timer entry is added.
+    for k in 1..=3 {
+        w.now = T0 + 10 * k;
+        w.room(&self_presence("Al"));
+        assert_eq!(w.host.next_deadline(), Some(at));
+    }
+    let id = pinged(&mut w);
+    w.now = at + 1;
+    w.room(&self_presence("Al"));
+    // The ping in flight is still the account's: its answer reaches no session.
+    let s = w.room(&ping_result(&id));
+    assert!(s.handled && s.delivered().is_empty(), "{:?}", s.acts);
+}
