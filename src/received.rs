@@ -35,6 +35,9 @@ pub struct Mark {
     pub origin_id: u64,
     /// Sender's nick and body.
     pub content: u64,
+    /// A message of the room's current replay was recognised as this one (not stored):
+    /// each mark stands for one message, so "ok" said twice is not taken for once.
+    pub used: bool,
 }
 
 /// FNV-1a over the parts, each followed by a separator byte: stable across versions and
@@ -67,6 +70,7 @@ impl Mark {
             room_id,
             origin_id,
             content: hash(&[nick, &body]),
+            used: false,
         }
     }
 
@@ -98,6 +102,7 @@ impl Mark {
             room_id: next()?,
             origin_id: next()?,
             content: next()?,
+            used: false,
         };
         Some(mark)
     }
@@ -119,7 +124,7 @@ impl Received {
         while self.marks.len() >= MARKS_KEPT {
             self.marks.pop_front();
         }
-        self.marks.push_back(mark);
+        self.marks.push_back(Mark { used: true, ..mark });
         while self
             .marks
             .front()
@@ -132,6 +137,30 @@ impl Received {
     /// Whether the account already got the message `mark` stands for.
     pub fn has(&self, mark: &Mark) -> bool {
         self.marks.iter().any(|m| m.same(mark, REJOIN_MARGIN))
+    }
+
+    /// A replay starts: every mark may be recognised once in it.
+    pub fn start_replay(&mut self) {
+        for m in &mut self.marks {
+            m.used = false;
+        }
+    }
+
+    /// Whether a message of the replay is one the account already got: the first mark it
+    /// matches that no earlier message of the replay matched (then taken). Marks of what
+    /// came since the replay started are never matched in it.
+    pub fn take(&mut self, mark: &Mark) -> bool {
+        match self
+            .marks
+            .iter_mut()
+            .find(|m| !m.used && m.same(mark, REJOIN_MARGIN))
+        {
+            Some(m) => {
+                m.used = true;
+                true
+            }
+            None => false,
+        }
     }
 
     /// The point a rejoin asks the room's history since; none when no message is known

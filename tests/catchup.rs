@@ -234,3 +234,28 @@ fn marks_found_in_the_archive_at_start_count_as_got() {
     assert!(!after.room(&room_history("bob", "three", T0 + 60)).archive);
     assert!(after.room(&room_history("bob", "four", T0 + 90)).archive);
 }
+
+#[test]
+fn the_same_words_said_again_are_a_new_message_in_the_replay() {
+    // A room without stanza-ids, a client without origin-ids: "ok" is matched by sender,
+    // body and time, and each message the account got stands for one in the replay.
+    let mut w = World::new();
+    w.session("phone", &join("Al", ""));
+    w.room(&self_presence("Al"));
+    w.room(&subject("Topic"));
+    w.now = T0;
+    assert!(w.room(&groupchat("bob", "ok")).archive);
+    let (mut w, _) = restarted(&w);
+    w.room(&self_presence("Al"));
+    let again = w.room(&room_history("bob", "ok", T0));
+    assert!(!again.archive, "{:?}", again.acts);
+    let said_again = w.room(&room_history("bob", "ok", T0 + 60));
+    assert!(said_again.archive, "{:?}", said_again.acts);
+    let end = w.room(&subject("Topic"));
+    assert_eq!(
+        end.notes,
+        [format!(
+            "alice caught up in {R}: 1 new message(s), 1 already got"
+        )]
+    );
+}

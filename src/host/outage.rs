@@ -51,6 +51,7 @@ pub(super) fn module_join(m: &mut Membership) -> Element {
     m.shown = Some(presence::Visible::default());
     let since = m.received.since();
     m.replaying = since.is_some();
+    m.received.start_replay();
     m.replay_counts = (0, 0);
     for p in &mut m.participants {
         p.joined_before_rejoin = p.joined;

@@ -329,7 +329,7 @@ impl Host {
                     Some(stamp) if m.replaying && !m.complete => {
                         // The room's replay of what it said since the last message the
                         // account got (a rejoin made by the module).
-                        let known = m.received.has(&mark);
+                        let known = m.received.take(&mark);
                         if !m.history.contains(&mark)
                             && let Some(xml) = kept(el)
                         {
