@@ -1,9 +1,10 @@
 -- Durability of the account's archive (flow 16) against a real Prosody with mod_mam, on
--- Prosody's file storage (internal) and on SQL storage (SQLite3): what a session was forked is in the
--- archive, also after the server is killed with SIGKILL and started again, each message
--- once and under the stanza-id the sessions saw; each account on a host sees only its own
--- archive's stanza-id although the room hands them all the same stanza; a stanza-id that
--- claims to be the account's archive's is neither stored nor forked.
+-- Prosody's file storage (internal) and on SQL storage (SQLite3), with the room on the same
+-- server and on a second one over s2s: what a session was forked is in the archive, also
+-- after the server is killed with SIGKILL and started again, each message once and under
+-- the stanza-id the sessions saw; each account on a host sees only its own archive's
+-- stanza-id although the room hands them all the same stanza; a stanza-id that claims to
+-- be the account's archive's is neither stored nor forked.
 local Server = require "spec.helpers.server"
 local Client = require "spec.helpers.client"
 local muc = require "spec.helpers.muc"
@@ -23,13 +24,26 @@ local STORAGES = {
 	sqlite = { storage = { archive = "sql" }, sql = { driver = "SQLite3", database = "archive.sqlite" } },
 }
 
-local function start(storage)
-	return Server.start{
+local REMOTE, RMUC = "remote.localhost", "conference.remote.localhost"
+
+--- The server with the module (mod_mam loaded, archives on `storage`), and where the room
+--- and bob are: the same server, or (`remote`) a second one reached over s2s.
+local function start(storage, remote)
+	local home = {
 		module = true,
 		modules = { "mam" },
 		global_options = STORAGES[storage],
 		muc_options = { muc_room_locking = false },
 	}
+	if not remote then
+		local srv = Server.start(home)
+		return srv, srv, MUC
+	end
+	local srv, other = Server.federation{
+		home = home,
+		remote = { module = false, host = REMOTE, muc_host = RMUC, muc_options = { muc_room_locking = false } },
+	}
+	return srv, other, RMUC
 end
 
 --- Where alice's archive is: her file of the internal storage, or the SQLite database.
@@ -82,19 +96,25 @@ local function archive_of(c, room)
 	return by_body, n
 end
 
-for _, storage in ipairs{ "internal", "sqlite" } do
-	describe("the archive on " .. storage .. " storage", function()
-		local srv
+for _, case in ipairs{
+	{ "internal" }, { "sqlite" }, { "internal", "the room on another server over s2s" },
+	{ "sqlite", "the room on another server over s2s" },
+} do
+	local storage, remote = case[1], case[2]
+	describe("the archive on " .. storage .. " storage" .. (remote and ", " .. remote or ""), function()
+		local srv, other
 		teardown(function()
 			close_all()
 			if srv then srv:destroy() end
+			if other and other ~= srv then other:destroy() end
 		end)
 
 		it("holds every message forked to a session after kill -9 and a start, once, under the id the sessions saw",
 			function()
-				srv = start(storage)
-				local ROOM = "crash@" .. MUC
-				local bob = connect(srv, "bob", "pc")
+				local muc_host
+				srv, other, muc_host = start(storage, remote)
+				local ROOM = "crash@" .. muc_host
+				local bob = connect(other, "bob", "pc")
 				local phone, laptop = connect(srv, "alice", "phone"), connect(srv, "alice", "laptop")
 				join(bob, ROOM .. "/Bob")
 				join(phone, ROOM .. "/Alice")
@@ -121,6 +141,14 @@ for _, storage in ipairs{ "internal", "sqlite" } do
 				end
 				close_all()
 				srv:relaunch()
+				if remote then
+					-- The account rejoins the room on its own (asking for the history since the
+					-- last message it got, read back from the archive); the archive is read
+					-- once that join is answered. (The remote room never saw the account go, so
+					-- it takes the join for a presence update and replays nothing; replays
+					-- after a crash are spec/catchup_spec.lua's.)
+					muc.wait_log(srv, "alice caught up in " .. ROOM .. ":", 0, 20)
+				end
 
 				local tablet = connect(srv, "alice", "tablet")
 				local archived, n = archive_of(tablet, ROOM)
