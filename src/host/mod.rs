@@ -70,6 +70,16 @@ struct Account {
     iqs: IqProxy,
 }
 
+/// `user`'s membership in `room`, borrowing the accounts alone: the host's other fields
+/// (its timers, counters, configuration) stay at hand beside it.
+fn member<'a>(
+    accounts: &'a mut HashMap<String, Account>,
+    user: &str,
+    room: &str,
+) -> Option<&'a mut Membership> {
+    accounts.get_mut(user)?.rooms.get_mut(room)
+}
+
 /// Counts for the admin and the tests.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Stats {
@@ -270,7 +280,7 @@ impl Host {
     }
 
     fn membership_mut(&mut self, user: &str, room: &str) -> Option<&mut Membership> {
-        self.accounts.get_mut(user)?.rooms.get_mut(room)
+        member(&mut self.accounts, user, room)
     }
 
     /// The sessions of `user` taking part in `room` (joined or joining), oldest first.

@@ -6,7 +6,7 @@
 
 use minidom::Element;
 
-use super::{Host, Timers};
+use super::{Host, Timers, member};
 use crate::membership::{Membership, Phase};
 use crate::note::Note;
 use crate::occupants::OccupantCache;
@@ -72,11 +72,7 @@ impl Host {
         now: i64,
         out: &mut Outcome,
     ) {
-        let Some(m) = self
-            .accounts
-            .get_mut(user)
-            .and_then(|a| a.rooms.get_mut(room))
-        else {
+        let Some(m) = member(&mut self.accounts, user, room) else {
             return;
         };
         m.phase = Phase::Joining;
@@ -97,11 +93,7 @@ impl Host {
     /// joined the room). Nothing when a join is in flight already.
     pub(super) fn send_rejoin(&mut self, user: &str, room: &str, now: i64, out: &mut Outcome) {
         let timeout = self.config.iq_timeout;
-        let Some(m) = self
-            .accounts
-            .get_mut(user)
-            .and_then(|a| a.rooms.get_mut(room))
-        else {
+        let Some(m) = member(&mut self.accounts, user, room) else {
             return;
         };
         let attempt = match m.rejoin {
@@ -140,11 +132,7 @@ impl Host {
         out: &mut Outcome,
     ) {
         let max_attempts = self.config.rejoin_attempts.max(1);
-        let Some(m) = self
-            .accounts
-            .get_mut(user)
-            .and_then(|a| a.rooms.get_mut(room))
-        else {
+        let Some(m) = member(&mut self.accounts, user, room) else {
             return;
         };
         let Some(Rejoin::InFlight { attempt, .. }) = m.rejoin else {
@@ -217,11 +205,7 @@ impl Host {
 
     /// The next self-ping check of a room, one period after the last ping went out.
     fn next_ping(&mut self, user: &str, room: &str, sent: i64, interval: i64) {
-        let Some(m) = self
-            .accounts
-            .get_mut(user)
-            .and_then(|a| a.rooms.get_mut(room))
-        else {
+        let Some(m) = member(&mut self.accounts, user, room) else {
             return;
         };
         if interval > 0 && m.phase == Phase::Joined {
@@ -235,7 +219,7 @@ impl Host {
     pub(super) fn due(&mut self, user: &str, room: &str, now: i64) -> Option<Outcome> {
         let interval = self.config.self_ping_interval;
         let timeout = self.config.iq_timeout;
-        let m = self.accounts.get_mut(user)?.rooms.get_mut(room)?;
+        let m = member(&mut self.accounts, user, room)?;
         m.wake = None;
         let mut out = Outcome::handled(user);
         match (m.phase, m.rejoin) {

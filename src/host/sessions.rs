@@ -5,7 +5,7 @@ use std::rc::Rc;
 
 use minidom::Element;
 
-use super::Host;
+use super::{Host, member};
 use crate::iq::PendingIq;
 use crate::membership::{Membership, Phase};
 use crate::note::Note;
@@ -214,11 +214,7 @@ impl Host {
         // The session's presence as the room would see it (made only where it is needed).
         let own_presence = || presence::reduce(&el.xml(), seq);
         // (The accounts alone are borrowed, so the domain stays at hand.)
-        let Some(m) = self
-            .accounts
-            .get_mut(user)
-            .and_then(|a| a.rooms.get_mut(room))
-        else {
+        let Some(m) = member(&mut self.accounts, user, room) else {
             // First join: the account joins. The membership is recorded before the join is
             // sent, because a MUC on this server answers while the join is being sent.
             let joined_rooms = self.accounts.get(user).map_or(0, |a| a.rooms.len());
