@@ -56,11 +56,7 @@ local function archive_files(srv)
 	return exists(srv.dir .. "/data/localhost/archive/alice.list"), exists(srv.dir .. "/data/archive.sqlite")
 end
 
-local function find(list, pred)
-	for _, el in ipairs(list) do
-		if pred(el) then return el end
-	end
-end
+local find = muc.find
 
 --- The <stanza-id/> children of `el` by `by`.
 local function stanza_ids(el, by)

@@ -57,17 +57,9 @@ local function start_pair()
 	}
 end
 
-local function find(list, pred)
-	for _, el in ipairs(list) do
-		if pred(el) then return el end
-	end
-end
+local find = muc.find
 
-local function index_of(list, pred)
-	for i, el in ipairs(list) do
-		if pred(el) then return i end
-	end
-end
+local index_of = muc.index_of
 
 local function chat(body)
 	return function(el)

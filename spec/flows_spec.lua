@@ -44,11 +44,7 @@ local configure = muc.configure
 local log_count = muc.log_count
 local no_tracebacks = muc.no_tracebacks
 
-local function index_of(list, pred)
-	for i, el in ipairs(list) do
-		if pred(el) then return i end
-	end
-end
+local index_of = muc.index_of
 
 local settle = muc.settle
 local fresh = muc.fresh

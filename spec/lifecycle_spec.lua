@@ -53,11 +53,7 @@ local configure = muc.configure
 local log_count = muc.log_count
 local no_tracebacks = muc.no_tracebacks
 
-local function find(list, pred)
-	for _, el in ipairs(list) do
-		if pred(el) then return el end
-	end
-end
+local find = muc.find
 
 local settle = muc.settle
 local fresh = muc.fresh

@@ -36,11 +36,7 @@ local function with_status(from, code)
 	end
 end
 
-local function index_of(list, pred)
-	for i, el in ipairs(list) do
-		if pred(el) then return i end
-	end
-end
+local index_of = muc.index_of
 
 --- Wait until the log of `srv` has `text` more than `before` times (seconds: `timeout`).
 local function wait_line(srv, text, before, timeout)

@@ -22,6 +22,19 @@ local function count(list, pred)
 	return n
 end
 
+--- The index of the first element of `list` that `pred` holds for.
+local function index_of(list, pred)
+	for i, el in ipairs(list) do
+		if pred(el) then return i end
+	end
+end
+
+--- The first element of `list` that `pred` holds for.
+local function find(list, pred)
+	local i = index_of(list, pred)
+	return i and list[i]
+end
+
 local function from_room(room)
 	return function(el) return bare(el.attr.from) == room end
 end
@@ -253,6 +266,8 @@ return {
 	clients = clients,
 	bare = bare,
 	count = count,
+	find = find,
+	index_of = index_of,
 	from_room = from_room,
 	presence = presence,
 	self_presence = self_presence,

@@ -24,11 +24,7 @@ local function any_presence(from)
 	return function(el) return el.name == "presence" and el.attr.from == from end
 end
 
-local function find(list, pred)
-	for _, el in ipairs(list) do
-		if pred(el) then return el end
-	end
-end
+local find = muc.find
 
 local function caps_node(el)
 	local c = el and el:get_child("c", NS_CAPS)
