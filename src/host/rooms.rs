@@ -194,10 +194,11 @@ impl Host {
             }
             m.confirmed = true;
             m.phase = Phase::Joined;
-            // The self-ping cycle starts when the account is (back) in the room; a later
-            // self-presence (a nick or role change, or a room repeating itself) leaves it
-            // and the ping in flight alone, and adds no timer entry.
-            if was_joining || m.rejoin.is_some() || m.wake.is_none() {
+            // The self-ping cycle starts when the account is (back) in the room (every
+            // join and rejoin is phase Joining); a later self-presence (a nick or role
+            // change, or a room repeating itself) leaves it and the ping in flight alone,
+            // and adds no timer entry.
+            if was_joining {
                 in_room(&mut self.timers, ping_interval, user, m, now);
             }
             m.mark_all_joined();
