@@ -8,10 +8,11 @@
 --    groupchat too. A query whose `with` is a full JID is answered here instead, exactly as
 --    mod_mam would answer it if the groupchat lines were not in the archive: same results,
 --    same <fin/> (complete, RSM first/last/count), same paging, limits and errors.
--- 2. The shared archive (room_log.lib.lua): groupchat is stored once per host, so a query
---    that can hold a room's groupchat (no `with`, or `with` = a room the account was in)
---    and the <metadata/> query are answered from the account's view (its own archive and
---    the room logs of its periods), as mod_mam answers from an archive holding all of it.
+-- 2. The shared archive (room_log.lib.lua): groupchat is stored once per host, so for an
+--    account that has been in rooms, every other query (whatever its `with`: even one by
+--    a contact may page from the id of a room message) and the <metadata/> query are
+--    answered from the account's view (its own archive and the room logs of its periods),
+--    as mod_mam answers from an archive holding all of it.
 -- Every other query is left to mod_mam, and so is any query with a form mod_mam refuses
 -- (its error is the answer).
 --
@@ -238,16 +239,12 @@ return function (archive, view)
 		if x then
 			if dataforms.get_type(x) ~= NS_MAM then return; end
 			-- Most queries name no full JID: decide before reading the whole form.
-			local with = with_value(x);
-			full_jid = with:find("/", 1, true) ~= nil;
-			if not full_jid and not (view and view.has_rooms(origin.username, with ~= "" and jid_bare(with) or nil)) then
-				return;
-			end
+			full_jid = with_value(x):find("/", 1, true) ~= nil;
+			if not full_jid and not (view and view.has_rooms(origin.username)) then return; end
 			local errors;
 			form, errors = query_form(store):data(x);
 			if errors then return; end
 			if full_jid and not (form.with and jid_resource(form.with)) then return; end
-			if not full_jid and form.with and not view.has_rooms(origin.username, jid_bare(form.with)) then return; end
 		else
 			if not (view and view.has_rooms(origin.username)) then return; end
 			form = {};

@@ -400,28 +400,42 @@ return function (opts)
 		return rooms;
 	end
 
-	-- When the item `id` was stored, if it is in the account's view (nil if not).
+	-- Where the item `id` is in the account's view: { t, with, when } (nil if not there).
 	local located = cache.new(4096);
 	local function locate(user, id)
-		local t = located:get(user .. "\0" .. id);
-		if t then return t; end
-		local store = archive();
-		local item, when = store:get(user, id);
+		local key = user .. "\0" .. id;
+		local at = located:get(key);
+		if at then return at; end
+		local item, when, with = archive():get(user, id);
 		if item then
-			t = stored_at(id, when);
+			at = { stored_at(id, when), with, when };
 		else
-			local p = periods_of(user);
-			for room, list in pairs(p) do
-				item, when = room_store():get(room, id);
+			for room, list in pairs(periods_of(user)) do
+				item, when, with = room_store():get(room, id);
 				if item then
-					local at = stored_at(id, when);
-					if in_periods(list, at) then t = at; end
+					local t = stored_at(id, when);
+					if in_periods(list, t) then at = { t, with, when }; end
 					break;
 				end
 			end
 		end
-		if t then located:set(user .. "\0" .. id, t); end
-		return t;
+		if at then located:set(key, at); end
+		return at;
+	end
+
+	-- Whether an item matches a query's with, start, end and ids (internal storage looks
+	-- for an after/before id only among those).
+	local function matches(q, id, with, when)
+		if q.with and with ~= q.with then return false; end
+		if q.start and when < q.start then return false; end
+		if q["end"] and when > q["end"] then return false; end
+		if q.ids then
+			for _, wanted in ipairs(q.ids) do
+				if wanted == id then return true; end
+			end
+			return false;
+		end
+		return true;
 	end
 
 	-- How many items of the room log `room` in a period [s, e] match with, start, end
@@ -458,8 +472,15 @@ return function (opts)
 		local reverse = q.reverse;
 		-- after/before ids: where they are (nil: not in the view).
 		local after_t, before_t;
-		if q.after then after_t = locate(user, q.after); end
-		if q.before then before_t = locate(user, q.before); end
+		for _, side in ipairs({ "after", "before" }) do
+			local id = q[side];
+			local at = id and locate(user, id);
+			-- SQL storage finds the id anywhere in the archive; internal storage only among
+			-- the items the query's with, time and ids let through.
+			if at and (sql or matches(q, id, at[2], at[3])) then
+				if side == "after" then after_t = at[1]; else before_t = at[1]; end
+			end
+		end
 		if (q.after and not after_t) or (q.before and not before_t) then
 			if sql then return nil, "item-not-found"; end
 			-- Internal storage: an unknown id where the iteration starts gives nothing, one
@@ -531,7 +552,7 @@ return function (opts)
 				if within(t, id) then
 					given = given + 1;
 					if room_sources[sources[best]] then item.attr.to = bare; end
-					located:set(user .. "\0" .. id, t);
+					located:set(user .. "\0" .. id, { t, with, when });
 					return id, item, when, with;
 				elseif (not reverse and hi_t and not earlier(t, id, hi_t, q.before))
 					or (reverse and lo_t and not earlier(lo_t, q.after, t, id)) then
