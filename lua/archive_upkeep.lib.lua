@@ -33,8 +33,6 @@ local host_session = prosody.hosts[host];
 local expires_after = module:get_option_period("archive_expires_after", "1w") or math.huge;
 local expires = expires_after ~= math.huge;
 
-local real; -- the store being wrapped
-
 -- Expiry bookkeeping, as mod_mam keeps its own: per day, the accounts something was
 -- stored for (map store minimix_archive_expiry, key: the date, field: the account).
 local days_store = module:open_store("minimix_archive_expiry");
@@ -42,8 +40,8 @@ local days_map = module:open_store("minimix_archive_expiry", "map");
 local noted = cache.new(module:get_option_integer("archive_cleanup_date_cache_size", 1000, 1));
 local today, tomorrow_at = nil, 0;
 
-local function note_for_expiry(user)
-	if not expires or (real.caps and real.caps.wildcard_delete) then return; end
+local function note_for_expiry(store, user)
+	if not expires or (store.caps and store.caps.wildcard_delete) then return; end
 	local now = os.time();
 	if now >= tomorrow_at then
 		today = datestamp(now);
@@ -55,13 +53,13 @@ end
 
 -- mod_mam's answer to a full archive.
 local item_limit, truncate_to;
-local function make_room(user, value, when, with)
+local function make_room(real, what, user, value, when, with)
 	local id, err;
 	if expires and real.delete then
 		if real:delete(user, { ["end"] = os.time() - expires_after }) then
 			id, err = real:append(user, nil, value, when, with);
 			if id then
-				module:log("info", "The archive of %s was full: removed what was older than archive_expires_after", user);
+				module:log("info", "The %s of %s was full: removed what was older than archive_expires_after", what, user);
 				return id;
 			end
 		end
@@ -74,8 +72,8 @@ local function make_room(user, value, when, with)
 		if real:delete(user, { truncate = truncate_to }) then
 			id, err = real:append(user, nil, value, when, with);
 			if id then
-				module:log("info", "The archive of %s was full (storage_archive_item_limit = %d): removed its oldest messages",
-					user, item_limit);
+				module:log("info", "The %s of %s was full (storage_archive_item_limit = %d): removed its oldest messages",
+					what, user, item_limit);
 				return id;
 			end
 		end
@@ -84,16 +82,19 @@ local function make_room(user, value, when, with)
 end
 
 -- `origin`: the session the message came from, when known (else the host).
-local function append(_, user, key, value, when, with, origin)
-	local id, err = real:append(user, key, value, when, with);
+local function append(self, user, key, value, when, with, origin)
+	local store = self.real;
+	local id, err = store:append(user, key, value, when, with);
 	if not id and err == "quota-limit" then
-		id, err = make_room(user, value, when, with);
+		local what = self.upkeep.name or "archive";
+		id, err = make_room(store, what, user, value, when, with);
 		if not id then
-			err = "quota-limit: the archive of " .. user .. " is full (storage_archive_item_limit)";
+			err = "quota-limit: the " .. what .. " of " .. user .. " is full (storage_archive_item_limit)";
 		end
 	end
 	if not id then return nil, err; end
-	note_for_expiry(user);
+	if self.upkeep.expiry ~= false then note_for_expiry(store, user); end
+	if self.upkeep.event == false then return id; end
 	-- The shim hands the room's own stanza to the storage, and then forks it (with the
 	-- archive's stanza-id, to each session's address): listeners get a copy of what was
 	-- stored, which nothing changes later. No listener, no copy.
@@ -150,16 +151,18 @@ end
 
 return {
 	--- The archive store to append to: `store`, with the upkeep above around `append`.
-	wrap = function (store)
-		real = store;
-		return setmetatable({ append = append }, { __index = store });
+	--- `upkeep.expiry = false`: not noted for this module's expiry (the room logs expire
+	--- on their own); `upkeep.event = false`: no "archive-message-added" (fired per account
+	--- by the caller); `upkeep.name`: what log lines call the store ("archive").
+	wrap = function (store, upkeep)
+		return setmetatable({ append = append, real = store, upkeep = upkeep or {} }, { __index = store });
 	end;
 	--- Registers the daily task; `archive()` is the shim's (the wrapped store or nil).
 	schedule = function (archive)
 		if not expires then return; end
 		module:daily("Remove expired archived messages", function ()
 			local store = archive();
-			if store then remove_expired(real); end
+			if store then remove_expired(store.real); end
 		end);
 	end;
 };

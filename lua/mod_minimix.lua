@@ -91,6 +91,8 @@ end
 local config = read_config();
 -- nil: archive when mod_mam is loaded on this host.
 local archive_setting = module:get_option_boolean("minimix_archive", nil);
+-- Groupchat stored once per host (room_log.lib.lua), not once per account.
+local shared_archive = module:get_option_boolean("minimix_shared_archive", true);
 local bookmarks_setting = module:get_option_boolean("minimix_bookmarks", true);
 
 -- `core` holds this host's state and its admin methods; `room_event`, `session_event`
@@ -168,6 +170,9 @@ local store = module:open_store("minimix");
 -- account got since `got` was last stored is then read back from the archive.
 local state_store = module:open_store("minimix_state");
 
+-- The shared archive (set below when on).
+local room_log;
+
 local function persist(user)
 	local ok, rows = pcall(core.persisted, core, user);
 	if not ok then
@@ -178,6 +183,11 @@ local function persist(user)
 	for _, row in ipairs(rows) do
 		data = data or {};
 		data[row.room] = { nick = row.nick, password = row.password, joined = row.joined or nil, got = row.got };
+	end
+	if room_log then
+		-- A membership that ended ends the account's period in the room's log.
+		local synced, err = pcall(room_log.sync, user, data or {});
+		if not synced then module:log("error", "Could not end the archive periods of %s: %s", user, err); end
 	end
 	local saved, err = store:set(user, data);
 	if not saved then
@@ -205,12 +215,30 @@ local function archive()
 end
 archive_upkeep.schedule(archive);
 
+-- The shared archive: a room's groupchat stored once per host, each account's archive read
+-- as if it had been stored for it (room_log.lib.lua beside this file).
+if shared_archive then
+	local log_ok, log_err = pcall(function ()
+		room_log = module:require("room_log")({ archive = archive, wrap = archive_upkeep.wrap, bare_jids = bare_jids });
+	end);
+	if not log_ok then
+		room_log = nil;
+		module:log("error", "The shared archive is off, groupchat is stored per account (room_log.lib.lua): %s",
+			tostring(log_err):match("^[^\n]*"));
+	elseif module:get_option_period("archive_expires_after", "1w") ~= math.huge then
+		module:daily("Remove expired messages from the room logs", function ()
+			if archive() then room_log.remove_expired(); end
+		end);
+	end
+end
+
 -- A MAM query by an occupant's full JID returns the private messages only, as without the
--- module (private_history.lib.lua beside this file).
-local private_ok, private_err = pcall(function () module:require("private_history")(archive); end);
-if not private_ok then
-	module:log("error", "MAM queries by a full JID return the room's groupchat too (private_history.lib.lua): %s",
-		tostring(private_err):match("^[^\n]*"));
+-- module; with the shared archive, the queries that can hold groupchat are answered from
+-- the account's view (archive_queries.lib.lua beside this file).
+local queries_ok, queries_err = pcall(function () module:require("archive_queries")(archive, room_log); end);
+if not queries_ok then
+	module:log("error", "MAM queries by a full JID return the room's groupchat too%s (archive_queries.lib.lua): %s",
+		room_log and ", and the shared archive is not in query results" or "", tostring(queries_err):match("^[^\n]*"));
 end
 
 -- Whether `stanza` carries a <stanza-id/> claiming to be the archive of the account `bare`
@@ -251,6 +279,14 @@ local function archive_live(user, stanza)
 	local store_to = archive();
 	if not store_to then return stanza, nil; end
 	local bare = bare_jids[user];
+	stanza.attr.to = bare;
+	if room_log and stanza.attr.type == "groupchat" then
+		local out, id, err = room_log.store_live(user, stanza);
+		if not id then
+			module:log("error", "Could not archive a message from %s for %s: %s", stanza.attr.from, user, err);
+		end
+		return out, id;
+	end
 	local from = stanza.attr.from;
 	local room = jid_bare(from);
 	if claims_archive(stanza, bare, room) then stanza = own_copy(stanza, bare, room); end
@@ -586,7 +622,13 @@ local function remember_archived(user, room)
 	local archive_of = archive();
 	if not archive_of then return; end
 	local ok, err = pcall(function ()
-		local items, find_err = archive_of:find(user, { with = room, reverse = true, limit = minimix.marks_kept });
+		local q = { with = room, reverse = true, limit = minimix.marks_kept };
+		local items, find_err;
+		if room_log and room_log.has_rooms(user, room) then
+			items, find_err = room_log.find(user, q);
+		else
+			items, find_err = archive_of:find(user, q);
+		end
 		if not items then error(find_err or "no answer"); end
 		local unread = 0;
 		for _, item, when in items do

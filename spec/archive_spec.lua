@@ -368,16 +368,19 @@ local function groupchat_with_id(c, body)
 	return got, sid and sid.attr.id
 end
 
-describe("archive upkeep:", function()
+for _, shared in ipairs({ true, false }) do
+describe("archive upkeep, " .. (shared and "shared archive" or "one copy per account") .. ":", function()
 	local srv
 	local QUOTA, FULL = "quota.localhost", "full.localhost"
 	setup(function()
 		srv = Server.start{
 			module = true, modules = { "mam" }, muc_options = ROOM_OPTIONS,
-			options = { archive_expires_after = 2 },
+			options = { archive_expires_after = 2, minimix_shared_archive = shared },
 			vhosts = {
-				{ host = QUOTA, module = true, modules = { "mam" }, options = { storage_archive_item_limit = 3 } },
-				{ host = FULL, module = true, modules = { "mam" }, options = { storage_archive_item_limit = 0 } },
+				{ host = QUOTA, module = true, modules = { "mam" },
+					options = { storage_archive_item_limit = 3, minimix_shared_archive = shared } },
+				{ host = FULL, module = true, modules = { "mam" },
+					options = { storage_archive_item_limit = 0, minimix_shared_archive = shared } },
 			},
 		}
 	end)
@@ -409,7 +412,9 @@ describe("archive upkeep:", function()
 		-- The task logs once it has gone through every account (it yields between them).
 		local logged
 		for _ = 1, 50 do
-			logged = srv:log_has("Removed 2 expired messages from the archives of 1 accounts", true)
+			-- Shared: stored once for the host, in the room's log.
+			logged = srv:log_has(shared and "Removed 2 expired messages from the logs of 1 rooms"
+				or "Removed 2 expired messages from the archives of 1 accounts", true)
 			if logged then break end
 			socket.sleep(0.1)
 		end
@@ -458,13 +463,15 @@ describe("archive upkeep:", function()
 			assert.is_nil(none)
 		end
 		-- storage_archive_item_limit = 3: the oldest make room for the newest, as mod_mam
-		-- truncates an archive at its quota.
+		-- truncates an archive at its quota (shared: the room's log on the host, which
+		-- stores groupchat once per host; else alice's archive).
 		local kept = mam(alice, { with = room })
 		assert.same({ "q3", "q4", "q5" }, bodies(kept))
 		for i, r in ipairs(kept.results) do assert.equal(ids[i + 2], r.id) end
-		local note = "The archive of alice was full (storage_archive_item_limit = 3): removed its oldest messages"
+		local what = shared and "room log of " .. room or "archive of alice"
+		local note = "The " .. what .. " was full (storage_archive_item_limit = 3): removed its oldest messages"
 		assert.truthy(srv:log_has(note, true))
-		assert.truthy(srv:log_has("for alice: quota-limit: the archive of alice is full", true))
+		assert.truthy(srv:log_has("for alice: quota-limit: the " .. what .. " is full", true))
 		assert.same({}, bodies(mam(full, { with = room })))
 	end)
 
@@ -473,3 +480,5 @@ describe("archive upkeep:", function()
 		assert.same({}, found)
 	end)
 end)
+end
+

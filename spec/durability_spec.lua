@@ -28,10 +28,11 @@ local REMOTE, RMUC = "remote.localhost", "conference.remote.localhost"
 
 --- The server with the module (mod_mam loaded, archives on `storage`), and where the room
 --- and bob are: the same server, or (`remote`) a second one reached over s2s.
-local function start(storage, remote)
+local function start(storage, remote, options)
 	local home = {
 		module = true,
 		modules = { "mam" },
+		options = options,
 		global_options = STORAGES[storage],
 		muc_options = { muc_room_locking = false },
 	}
@@ -46,14 +47,18 @@ local function start(storage, remote)
 	return srv, other, RMUC
 end
 
---- Where alice's archive is: her file of the internal storage, or the SQLite database.
+--- Where the room's groupchat was stored: the room logs' files of the internal storage
+--- (the shared archive), or the SQLite database.
 local function archive_files(srv)
 	local function exists(path)
 		local f = io.open(path)
 		if f then f:close() end
 		return f ~= nil
 	end
-	return exists(srv.dir .. "/data/localhost/archive/alice.list"), exists(srv.dir .. "/data/archive.sqlite")
+	local ls = io.popen("ls " .. srv.dir .. "/data/localhost/minimix_rooms 2>/dev/null")
+	local files = ls:read("a")
+	ls:close()
+	return files:find("%.list") ~= nil, exists(srv.dir .. "/data/archive.sqlite")
 end
 
 local find = muc.find
@@ -166,9 +171,11 @@ for _, case in ipairs{
 	end)
 end
 
-describe("the archive with two accounts of one host in a room", function()
+for _, shared in ipairs({ true, false }) do
+describe("the archive with two accounts of one host in a room, "
+	.. (shared and "shared archive" or "one copy per account"), function()
 	local srv
-	setup(function() srv = start("internal") end)
+	setup(function() srv = start("internal", nil, { minimix_shared_archive = shared }) end)
 	teardown(function()
 		close_all()
 		srv:destroy()
@@ -191,7 +198,12 @@ describe("the archive with two accounts of one host in a room", function()
 			local alice_id = seen_id(phone, body, ALICE)
 			assert.equal(alice_id, seen_id(laptop, body, ALICE))
 			local carol_id = seen_id(carol, body, CAROL)
-			assert.are_not.equal(alice_id, carol_id)
+			if shared then
+				-- One stored copy for the host, each account's stanza-id in its own name.
+				assert.equal(alice_id, carol_id)
+			else
+				assert.are_not.equal(alice_id, carol_id)
+			end
 			for _, c in ipairs{ phone, laptop } do
 				assert.equal(0, #stanza_ids(find(c.log, groupchat(body)), CAROL), body .. " to " .. c.jid)
 			end
@@ -241,3 +253,4 @@ describe("the archive with two accounts of one host in a room", function()
 		no_tracebacks(srv)()
 	end)
 end)
+end

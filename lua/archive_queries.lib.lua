@@ -1,21 +1,26 @@
--- mod_minimix: private-message history stays private-message history.
+-- mod_minimix: MAM queries the module answers itself, exactly as mod_mam would.
 --
--- The module stores a joined room's groupchat in the account's own archive under the room's
--- bare JID, beside the private messages with its occupants (stored there by mod_mam or by
--- the module, as mod_mam would). mod_mam turns the `with` of a query into a bare JID, so a
--- query by an occupant's full JID (poezio fills a private-chat tab with `with` =
--- room@service/Bob) would return the room's groupchat too. A query whose `with` is a full
--- JID is answered here instead, exactly as mod_mam would answer it if the groupchat lines
--- were not in the archive: same results, same <fin/> (complete, RSM first/last/count),
--- same paging, limits and errors. Every other query (the room's bare JID included) is left
--- to mod_mam, and so is any query with a form mod_mam refuses (its error is the answer).
+-- 1. Private-message history stays private-message history. The module's groupchat is in
+--    the account's view under the room's bare JID, beside the private messages with its
+--    occupants (stored there by mod_mam or by the module, as mod_mam would). mod_mam turns
+--    the `with` of a query into a bare JID, so a query by an occupant's full JID (poezio
+--    fills a private-chat tab with `with` = room@service/Bob) would return the room's
+--    groupchat too. A query whose `with` is a full JID is answered here instead, exactly as
+--    mod_mam would answer it if the groupchat lines were not in the archive: same results,
+--    same <fin/> (complete, RSM first/last/count), same paging, limits and errors.
+-- 2. The shared archive (room_log.lib.lua): groupchat is stored once per host, so a query
+--    that can hold a room's groupchat (no `with`, or `with` = a room the account was in)
+--    and the <metadata/> query are answered from the account's view (its own archive and
+--    the room logs of its periods), as mod_mam answers from an archive holding all of it.
+-- Every other query is left to mod_mam, and so is any query with a form mod_mam refuses
+-- (its error is the answer).
 --
--- Loaded by mod_minimix.lua with `module:require("private_history")(archive)`, where
--- `archive()` is the shim's: the account's archive store while the module archives, else
--- nil (then mod_mam answers everything).
+-- Loaded by mod_minimix.lua with `module:require("archive_queries")(archive, view)`, where
+-- `archive()` is the shim's (the account's archive store while the module archives, else
+-- nil: then mod_mam answers everything) and `view` the shared archive (nil when off).
 --
--- Cost. The storage cannot leave out groupchat itself, so the lines of the room are read
--- and skipped:
+-- Cost of (1). The storage cannot leave out groupchat itself, so the lines of the room
+-- (stored per account before the shared archive, or with it off) are read and skipped:
 -- - internal storage reads the whole list on every query anyway (its `with` filter loads
 --   each item), so one lazy pass of the storage's own iterator is used, stopped as soon as
 --   the page is full; an unknown before/after id is handled as internal storage does;
@@ -197,28 +202,56 @@ local function find_paged(store, user, q)
 	return page;
 end
 
-return function (archive)
+-- The first `limit` items of the view (an iterator) as a page, and its total.
+local function page_of(iter, total, limit)
+	if not iter then return nil, total; end
+	local page = {};
+	if not (limit and limit <= 0) then
+		for id, item, when, with in iter do
+			page[#page + 1] = { id, item, when, with };
+			if limit and #page >= limit then break; end
+		end
+	end
+	return page, total;
+end
+
+return function (archive, view)
 	local internal; -- known once the first query came
 
-	-- Answers a query by a full JID (see the top of this file); nil for any other query.
-	local function private_query(event)
+	-- The value of the form's first `with` field ("" when there is none).
+	local function with_value(x)
+		for field in x:childtags("field") do
+			if field.attr.var == "with" then return field:get_child_text("value") or ""; end
+		end
+		return "";
+	end
+
+	-- Answers a query by a full JID, or one the shared archive holds (see the top of this
+	-- file); nil for any other query.
+	local function answer_query(event)
 		local store = archive();
 		if not store or not modulemanager.is_loaded(host, "mam") then return; end
 		local origin, stanza = event.origin, event.stanza;
 		local query = stanza.tags[1];
 		local x = query:get_child("x", NS_DATA);
-		if not x or dataforms.get_type(x) ~= NS_MAM then return; end
-		-- Most queries name no full JID: leave them to mod_mam before reading the whole form.
-		local full_jid = false;
-		for field in x:childtags("field") do
-			if field.attr.var == "with" then
-				full_jid = (field:get_child_text("value") or ""):find("/", 1, true) ~= nil;
-				break; -- the form takes the first
+		local form, full_jid;
+		if x then
+			if dataforms.get_type(x) ~= NS_MAM then return; end
+			-- Most queries name no full JID: decide before reading the whole form.
+			local with = with_value(x);
+			full_jid = with:find("/", 1, true) ~= nil;
+			if not full_jid and not (view and view.has_rooms(origin.username, with ~= "" and jid_bare(with) or nil)) then
+				return;
 			end
+			local errors;
+			form, errors = query_form(store):data(x);
+			if errors then return; end
+			if full_jid and not (form.with and jid_resource(form.with)) then return; end
+			if not full_jid and form.with and not view.has_rooms(origin.username, jid_bare(form.with)) then return; end
+		else
+			if not (view and view.has_rooms(origin.username)) then return; end
+			form = {};
 		end
-		if not full_jid then return; end
-		local form, errors = query_form(store):data(x);
-		if errors or not (form.with and jid_resource(form.with)) then return; end
 
 		origin.mam_requested = true; -- as mod_mam marks a session that queried its archive
 
@@ -234,13 +267,24 @@ return function (archive)
 
 		if internal == nil then internal = is_internal(); end
 		local q = {
-			with = jid_bare(form.with), start = form.start, ["end"] = form["end"], ids = form.ids,
+			with = form.with and jid_bare(form.with), start = form.start, ["end"] = form["end"], ids = form.ids,
 			before = before, after = after, reverse = reverse, limit = max == 0 and 0 or max + 1,
 			total = use_total or max == 0,
 		};
-		local page, total = (internal and find_internal or find_paged)(store, origin.username, q);
+		local page, total;
+		if full_jid then
+			page, total = (internal and find_internal or find_paged)(store, origin.username, q);
+		else
+			local ok, iter, n = pcall(view.find, origin.username, q);
+			if ok then
+				page, total = page_of(iter, n, q.limit);
+			else
+				module:log("error", "Archive query by %s failed: %s", origin.full_jid, tostring(iter):match("^[^\n]*"));
+				page, total = nil, "internal-server-error";
+			end
+		end
 		if not page then
-			module:log("debug", "Archive query by %s with %s failed: %s", origin.full_jid, form.with, total);
+			module:log("debug", "Archive query by %s with %s failed: %s", origin.full_jid, form.with or "*", total);
 			if total == "item-not-found" then
 				origin.send(st.error_reply(stanza, "modify", "item-not-found"));
 			else
@@ -276,10 +320,34 @@ return function (archive)
 		origin.send(st.reply(stanza)
 			:tag("fin", { xmlns = NS_MAM, complete = complete })
 			:add_child(rsm.generate({ first = first, last = last, count = total })));
-		module:log("debug", "Archive query by %s with %s: %d private messages", origin.full_jid, form.with, n);
+		module:log("debug", "Archive query by %s with %s: %d results", origin.full_jid, form.with or "*", n);
 		return true;
 	end
 
 	-- Before mod_mam's handler (priority 0) of the same event.
-	module:hook("iq-set/self/" .. NS_MAM .. ":query", private_query, 1);
+	module:hook("iq-set/self/" .. NS_MAM .. ":query", answer_query, 1);
+
+	if not view then return; end
+
+	-- The first and last item of the account's view, as mod_mam answers from its archive.
+	module:hook("iq-get/self/" .. NS_MAM .. ":metadata", function (event)
+		local origin, stanza = event.origin, event.stanza;
+		if not archive() or not modulemanager.is_loaded(host, "mam") or not view.has_rooms(origin.username) then
+			return;
+		end
+		local reply = st.reply(stanza):tag("metadata", { xmlns = NS_MAM });
+		for _, tag in ipairs({ "start", "end" }) do
+			local ok, iter = pcall(view.find, origin.username, { limit = 1, reverse = tag == "end" });
+			if not (ok and iter) then
+				module:log("error", "Archive metadata for %s failed: %s", origin.full_jid, tostring(iter):match("^[^\n]*"));
+				origin.send(st.error_reply(stanza, "cancel", "internal-server-error"));
+				return true;
+			end
+			for id, _, when in iter do
+				reply:tag(tag, { id = id, timestamp = timestamp(when) }):up();
+			end
+		end
+		origin.send(reply);
+		return true;
+	end, 1);
 end
