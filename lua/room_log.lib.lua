@@ -141,8 +141,10 @@ return function (opts)
 	local function sync(user, rooms)
 		local p = periods_of(user);
 		local changed = false;
+		local prepped = {};
+		for room in pairs(rooms) do prepped[jid_prep(room) or room] = true; end
 		for room, list in pairs(p) do
-			if #list % 2 == 1 and not rooms[room] then
+			if #list % 2 == 1 and not rooms[room] and not prepped[jid_prep(room) or room] then
 				list[#list + 1] = time_now();
 				changed = true;
 			end

@@ -196,6 +196,47 @@ describe("catching up after a restart of the user's own server", function()
 		each_archived_once(home, rooms, concat(before, meanwhile, { "live" }))
 	end)
 
+	it("two accounts of the host catching up one replay: each message once in each archive, once in the room's log",
+		function()
+			local rooms = { "both@" .. MAM_MUC, "both@" .. PLAIN_MUC }
+			local bob = connect(remote, "bob", "pc")
+			local phone, carol = connect(home, "alice", "phone"), connect(home, "carol", "pc")
+			for _, room in ipairs(rooms) do
+				join(bob, room .. "/Bob")
+				join(phone, room .. "/Alice")
+				join(carol, room .. "/Carol")
+				say(bob, room, "ours in " .. room, { phone, carol })
+			end
+			close_all()
+			bob = connect(remote, "bob", "pc")
+			for _, room in ipairs(rooms) do join(bob, room .. "/Bob") end
+			fresh(bob)
+			home:stop()
+			-- "again" twice: the room without stanza-ids tells them apart by order only.
+			say_in(bob, rooms, { "while 1", "again", "again" })
+			home:relaunch()
+			for _, room in ipairs(rooms) do wait_archived(home, room, "again in " .. room) end
+			settle(bob)
+			-- Both accounts rejoined and got the replay; wait until carol's has come too.
+			for _, room in ipairs(rooms) do
+				wait_log(home, "carol caught up in " .. room .. ":", 0, 20)
+			end
+			local LOG_SIZE = [[local n = 0; for _ in require "prosody.core.storagemanager".open("localhost", ]]
+				.. [["minimix_rooms", "archive"):find(%q) do n = n + 1 end; return n]]
+			for _, user in ipairs{ "alice", "carol" } do
+				local reader = connect(home, user, "reader")
+				for _, room in ipairs(rooms) do
+					for body, n in pairs{ ours = 1, ["while 1"] = 1, again = 2 } do
+						assert.equal(n, archived(reader, room, body .. " in " .. room), user .. ": " .. body .. " in " .. room)
+					end
+				end
+				reader:close()
+			end
+			for _, room in ipairs(rooms) do
+				assert.equal("4", (home:eval(LOG_SIZE:format(room))), room)
+			end
+		end)
+
 	it("leaves no errors in the logs", function()
 		muc.no_tracebacks(home)()
 		muc.no_tracebacks(remote)()

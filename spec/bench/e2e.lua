@@ -14,7 +14,9 @@
 --     modes:    comma-separated, default plain,minimix,minimix+archive; base:<mode> runs
 --               <mode> with the plugin in $BENCH_BASE_PLUGIN (another version, same run);
 --               nostore:minimix+archive stubs the storage's append (stores nothing, one
---               fixed id): the module's own part of an archived copy, without the storage
+--               fixed id): the module's own part of an archived copy, without the storage;
+--               peraccount:minimix+archive stores one copy per account
+--               (minimix_shared_archive = false) instead of one per room message and host
 --     storages: comma-separated, default internal: where archives are stored
 --               internal (Prosody's files) or sqlite (mod_storage_sql on SQLite3)
 --
@@ -130,11 +132,13 @@ local current_storage = "internal"
 local function server_for(mode, names)
 	local plugin_path
 	mode = mode:gsub("^nostore:", "")
+	local per_account = mode:match("^peraccount:") ~= nil
+	mode = mode:gsub("^peraccount:", "")
 	if mode:match("^base:") then
 		plugin_path = assert(os.getenv("BENCH_BASE_PLUGIN"), "base: modes need BENCH_BASE_PLUGIN")
 		mode = mode:sub(6)
 	end
-	local options = { minimix_archive = mode == "minimix+archive" }
+	local options = { minimix_archive = mode == "minimix+archive", minimix_shared_archive = not per_account }
 	return Server.start{
 		plugin_path = plugin_path,
 		module = mode == "minimix" or mode == "minimix+archive", accounts = accounts_for(names), log_level = "warn",
@@ -386,7 +390,7 @@ local function bench(shape)
 		print(("  mod_mam per archived one-to-one message (the floor): %.1f µs of server CPU (rounds %.1f to %.1f)")
 			:format(us, lo, hi))
 	elseif COPIES[shape] then
-		for _, prefix in ipairs{ "", "base:", "nostore:" } do
+		for _, prefix in ipairs{ "", "base:", "nostore:", "peraccount:" } do
 			local with, without = prefix .. "minimix+archive", prefix .. "minimix"
 			if not results[without] then without = "minimix" end
 			if results[with] and results[without] then
@@ -426,7 +430,7 @@ for _, row in ipairs(summary) do
 			end
 		end
 		local copy = ""
-		for _, prefix in ipairs{ "", "base:", "nostore:" } do
+		for _, prefix in ipairs{ "", "base:", "nostore:", "peraccount:" } do
 			local pc = row[prefix .. "per_copy"]
 			if pc then
 				copy = copy .. ("  %sper archived copy %.1f µs"):format(prefix, pc[1])
