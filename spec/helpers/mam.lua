@@ -123,7 +123,9 @@ end
 function M.stored(srv, host, store, user)
 	local out = {}
 	local enc = Server.dm_encode
-	local path = ("%s/data/%s/%s/%s.list"):format(srv.dir, enc(host), enc(store), enc(user))
+	-- (Store names keep their underscores.)
+	local store_dir = store:gsub("[^_%w]", function(ch) return ("%%%02x"):format(ch:byte()) end)
+	local path = ("%s/data/%s/%s/%s.list"):format(srv.dir, enc(host), store_dir, enc(user))
 	local f = io.open(path)
 	if f then
 		local items = {}
