@@ -18,10 +18,6 @@ local muc = require "spec.helpers.muc"
 local socket = require "socket"
 local st = Client.stanza
 
-local NS_MAM = "urn:xmpp:mam:2"
-local NS_RSM = "http://jabber.org/protocol/rsm"
-local NS_FORWARD = "urn:xmpp:forward:0"
-local NS_DELAY = "urn:xmpp:delay"
 local NS_SID = "urn:xmpp:sid:0"
 local PLAIN = "plain.localhost"
 local ROOM_OPTIONS = { muc_room_locking = false }
@@ -34,63 +30,7 @@ local no_tracebacks = muc.no_tracebacks
 ---------------------------------------------------------------------------
 -- Querying
 
---- A MAM query of `c`'s own archive. `o`: with, max, after, before (a string, or true for
---- an empty <before/>), flip (flip-page), start/end_ (timestamps), before_id, after_id, ids
---- (a list), form_type. Returns { error = condition } or { results = { { id, message,
---- stamp } }, complete, count, first, last }.
-local function mam(c, o)
-	local queryid = Client.new_id()
-	local form = st.stanza("x", { xmlns = "jabber:x:data", type = "submit" })
-		:tag("field", { var = "FORM_TYPE", type = "hidden" }):text_tag("value", o.form_type or NS_MAM):up()
-	local function field(var, value)
-		if value then form:tag("field", { var = var }):text_tag("value", value):up() end
-	end
-	field("with", o.with)
-	field("start", o.start)
-	field("end", o.end_)
-	field("before-id", o.before_id)
-	field("after-id", o.after_id)
-	if o.ids then
-		form:tag("field", { var = "ids" })
-		for _, id in ipairs(o.ids) do form:text_tag("value", id) end
-		form:up()
-	end
-	local query = st.stanza("query", { xmlns = NS_MAM, queryid = queryid }):add_child(form)
-	if o.max or o.after or o.before then
-		local set = st.stanza("set", { xmlns = NS_RSM })
-		if o.max then set:text_tag("max", tostring(o.max)) end
-		if o.after then set:text_tag("after", o.after) end
-		if o.before == true then set:tag("before"):up() elseif o.before then set:text_tag("before", o.before) end
-		query:add_child(set)
-	end
-	if o.flip then query:tag("flip-page"):up() end
-	local fin = assert(c:iq(st.iq({ type = "set", to = c.bare, id = Client.new_id() }):add_child(query)))
-	if fin.attr.type == "error" then
-		return { error = muc.error_condition(fin) }
-	end
-	local answer = { results = {} }
-	while true do
-		local el = c:wait_for(function(m)
-			local r = m.name == "message" and m:get_child("result", NS_MAM)
-			return r and r.attr.queryid == queryid
-		end, 0.01)
-		if not el then break end
-		local r = el:get_child("result", NS_MAM)
-		local fwd = r:get_child("forwarded", NS_FORWARD)
-		answer.results[#answer.results + 1] = {
-			id = r.attr.id,
-			message = fwd:get_child("message", "jabber:client"),
-			stamp = fwd:get_child("delay", NS_DELAY).attr.stamp,
-		}
-	end
-	local fin_el = assert(fin:get_child("fin", NS_MAM), tostring(fin))
-	local set = fin_el:get_child("set", NS_RSM)
-	answer.complete = fin_el.attr.complete == "true"
-	answer.count = set and tonumber(set:get_child_text("count"))
-	answer.first = set and set:get_child_text("first")
-	answer.last = set and set:get_child_text("last")
-	return answer
-end
+local mam = require "spec.helpers.mam".query
 
 --- What two answers must share: bodies, types and senders (the account's own JID as "me")
 --- in order, complete, count, and first/last as the bodies they name.

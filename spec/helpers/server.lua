@@ -361,6 +361,10 @@ local function dm_encode(s)
 	return (s:gsub("%W", function(c) return ("%%%02x"):format(c:byte()) end))
 end
 
+--- How Prosody's file storage names a host, store or user in data/ (every
+--- non-alphanumeric char as %xx): srv.dir .. "/data/" .. Server.dm_encode(host) .. "/...".
+Server.dm_encode = dm_encode
+
 local function write_host_accounts(data_dir, host, accounts)
 	local dir = data_dir .. "/" .. dm_encode(host) .. "/accounts"
 	os.execute("mkdir -p " .. sh_quote(dir))
