@@ -465,6 +465,39 @@ return function (opts)
 		return n;
 	end
 
+	-- Internal storage only: the first item of the account's view stored after `after`
+	-- (a time), or with `after` nil its last item, whatever the query's filters.
+	local function edge_item(user, after)
+		local best;
+		local function scan(store, owner, fq, keep, room)
+			local it = store:find(owner, fq);
+			if not it then return; end
+			for id, item, when, with in it do
+				local t = stored_at(id, when);
+				if (not keep or keep(t)) and (not after or when > after) then
+					if not best or (after and earlier(t, id, best.t, best.id))
+						or (not after and earlier(best.t, best.id, t, id)) then
+						best = { t = t, id = id, item = item, when = when, with = with, room = room };
+					end
+					return;
+				end
+			end
+		end
+		scan(archive(), user, after and { start = after } or { reverse = true });
+		for room, list in pairs(periods_of(user)) do
+			for i = 1, #list, 2 do
+				local s, e = list[i], list[i + 1];
+				local function keep(t) return t >= s and (e == nil or t <= e); end
+				if after then
+					if e == nil or e > after then scan(room_store(), room, { start = m_max(after, m_floor(s)) }, keep, room); end
+				else
+					scan(room_store(), room, { reverse = true, ["end"] = e }, keep, room);
+				end
+			end
+		end
+		return best;
+	end
+
 	-- The account's view: as its own archive store's find(user, q) would answer.
 	local function find(user, q)
 		local personal = archive();
@@ -490,16 +523,37 @@ return function (opts)
 			end
 		end
 		local lo_t, hi_t = after_t, before_t; -- exclusive bounds
-		local function within(t, id)
+		-- Each source's storage applies start and end; on internal storage (which lets one
+		-- item past a bound through, below) they are applied again here.
+		local q_start, q_end = not sql and q.start, not sql and q["end"];
+		local function within(t, id, when, exempt)
 			if lo_t and not earlier(lo_t, q.after, t, id) then return false; end
 			if hi_t and not earlier(t, id, hi_t, q.before) then return false; end
+			if not exempt and ((q_start and when < q_start) or (q_end and when > q_end)) then return false; end
 			return true;
+		end
+		-- Internal storage finds where a time bound begins by bisecting the archive, which
+		-- (Prosody 13.0) lets one item past it through: paging backwards from `end`, the
+		-- first item stored after it; going forward from a `start` past everything, the
+		-- archive's last item. The view lets the same one item through, once, when the
+		-- query's other filters let it.
+		local extra;
+		if not sql then
+			if reverse and q["end"] then
+				extra = edge_item(user, q["end"]);
+			elseif not reverse and q.start then
+				extra = edge_item(user, nil);
+				if extra and extra.when >= q.start then extra = nil; end
+			end
+			if extra and not matches({ with = q.with, ids = q.ids, start = reverse and q.start or nil,
+				["end"] = not reverse and q["end"] or nil }, extra.id, extra.with, extra.when) then
+				extra = nil;
+			end
 		end
 		-- Storage queries start a second early around an id (SQL keeps whole seconds).
 		local base = { with = q.with, start = q.start, ["end"] = q["end"], ids = q.ids, reverse = reverse };
 		if lo_t then base.start = m_max(base.start or -math.huge, m_floor(lo_t) - 1); end
 		if hi_t then base["end"] = m_min(base["end"] or math.huge, m_floor(hi_t) + 1); end
-		if base.start and base["end"] and base.start > base["end"] then base.start, base["end"] = nil, nil; end
 		local rows = m_min(q.limit and q.limit > 0 and q.limit or 20, PAGE_MAX);
 
 		local sources = { source(personal, user, base, nil, rows) };
@@ -520,6 +574,18 @@ return function (opts)
 					room_sources[src] = true;
 				end
 			end
+		end
+
+		local exempt;
+		if extra then
+			local given_once = false;
+			sources[#sources + 1] = function ()
+				if given_once then return nil; end
+				given_once = true;
+				if extra.room then extra.item.attr.to = bare; end
+				return extra.t, extra.id, extra.item, extra.when, extra.with;
+			end;
+			exempt = #sources;
 		end
 
 		local heads = {};
@@ -549,7 +615,7 @@ return function (opts)
 				local h = heads[best];
 				local t, id, item, when, with = h[1], h[2], h[3], h[4], h[5];
 				heads[best] = { sources[best]() };
-				if within(t, id) then
+				if within(t, id, when, best == exempt) then
 					given = given + 1;
 					if room_sources[sources[best]] then item.attr.to = bare; end
 					located:set(user .. "\0" .. id, { t, with, when });
