@@ -106,6 +106,29 @@ local function append(self, user, key, value, when, with, origin)
 	return id;
 end
 
+-- Deletes what is older than `cut_off` from the archive of each "user" the iterator
+-- (`each`, `state`) gives, yielding between them (a daily task runs in an async runner)
+-- so that the server serves others meanwhile; `failed(user, err)` for each it could not.
+-- Returns how many items were deleted, from how many archives.
+local function expire_each(store, each, state, cut_off, failed)
+	local deleted, archives = 0, 0;
+	for owner in each, state do
+		local ok, err = store:delete(owner, { ["end"] = cut_off });
+		if ok then
+			archives = archives + 1;
+			deleted = deleted + (tonumber(ok) or 0);
+		else
+			failed(owner, err);
+		end
+		if async.ready() then
+			local wait, done = async.waiter();
+			module:add_timer(0.01, done);
+			wait();
+		end
+	end
+	return deleted, archives;
+end
+
 local function remove_expired(store)
 	if not store.delete then
 		module:log("error", "archive_expires_after is set but this storage cannot delete: nothing expires");
@@ -127,23 +150,10 @@ local function remove_expired(store)
 			if day < cut_off_day then days_store:set(day, nil); end
 		end
 	end
-	local deleted, accounts = 0, 0;
-	for user in pairs(users) do
-		local ok, err = store:delete(user, { ["end"] = cut_off });
-		if ok then
-			accounts = accounts + 1;
-			deleted = deleted + (tonumber(ok) or 0);
-		else
-			days_map:set(cut_off_day, user, true);
-			module:log("error", "Could not delete expired messages of %s: %s", user, err);
-		end
-		if async.ready() then
-			-- Let the server serve others between accounts.
-			local wait, done = async.waiter();
-			module:add_timer(0.01, done);
-			wait();
-		end
-	end
+	local deleted, accounts = expire_each(store, next, users, cut_off, function (user, err)
+		days_map:set(cut_off_day, user, true);
+		module:log("error", "Could not delete expired messages of %s: %s", user, err);
+	end);
 	if accounts > 0 then
 		module:log("info", "Removed %d expired messages from the archives of %d accounts", deleted, accounts);
 	end
@@ -157,6 +167,7 @@ return {
 	wrap = function (store, upkeep)
 		return setmetatable({ append = append, real = store, upkeep = upkeep or {} }, { __index = store });
 	end;
+	expire_each = expire_each;
 	--- Registers the daily task; `archive()` is the shim's (the wrapped store or nil).
 	schedule = function (archive)
 		if not expires then return; end

@@ -219,7 +219,9 @@ archive_upkeep.schedule(archive);
 -- as if it had been stored for it (room_log.lib.lua beside this file).
 if shared_archive then
 	local log_ok, log_err = pcall(function ()
-		room_log = module:require("room_log")({ archive = archive, wrap = archive_upkeep.wrap, bare_jids = bare_jids });
+		room_log = module:require("room_log")({
+			archive = archive, wrap = archive_upkeep.wrap, expire_each = archive_upkeep.expire_each, bare_jids = bare_jids,
+		});
 	end);
 	if not log_ok then
 		room_log = nil;

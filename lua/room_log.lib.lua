@@ -29,7 +29,6 @@ local jid_prep = require "prosody.util.jid".prep;
 local time_now = require "prosody.util.time".now;
 local datetime = require "prosody.util.datetime";
 local cache = require "prosody.util.cache";
-local async = require "prosody.util.async";
 local storagemanager = require "prosody.core.storagemanager";
 
 local NS_STANZA_ID = "urn:xmpp:sid:0";
@@ -663,21 +662,11 @@ return function (opts)
 			local ok, err = store:delete(true, { ["end"] = cut_off });
 			if not ok then module:log("error", "Could not delete expired messages from the room logs: %s", err); end
 		elseif store.users then
-			local deleted, rooms = 0, 0;
-			for room in store:users() do
-				local ok, err = store:delete(room, { ["end"] = cut_off });
-				if ok then
-					rooms = rooms + 1;
-					deleted = deleted + (tonumber(ok) or 0);
-				else
-					module:log("error", "Could not delete expired messages from the log of %s: %s", room, err);
-				end
-				if async.ready() then
-					local wait, done = async.waiter();
-					module:add_timer(0.01, done);
-					wait();
-				end
-			end
+			local logs = {};
+			for room in store:users() do logs[room] = true; end
+			local deleted, rooms = opts.expire_each(store, next, logs, cut_off, function (room, err)
+				module:log("error", "Could not delete expired messages from the log of %s: %s", room, err);
+			end);
 			if deleted > 0 then
 				module:log("info", "Removed %d expired messages from the logs of %d rooms", deleted, rooms);
 			end
