@@ -46,6 +46,10 @@ local KEEP_SECONDS, KEEP_ITEMS = 300, 512;
 -- A replay (a rejoin's history) is also looked up in the room log: from this many
 -- seconds before its <delay/> stamp (clock skew), this many items at most.
 local REPLAY_SKEW, REPLAY_SCAN = 120, 1000;
+-- A message stored live is taken for a replayed one told apart by sender and body only
+-- when it was stored within this many seconds of the replay's stamp (the servers' clocks
+-- and the way between them).
+local LIVE_SKEW = 10;
 -- Rows per storage query when paging through SQL storage: the first page asks for what
 -- the answer needs, each further one four times more, up to this.
 local PAGE_MAX = 1024;
@@ -243,11 +247,18 @@ return function (opts)
 		return best;
 	end
 
+	local function delay_of(stanza)
+		local delay = stanza:get_child("delay", NS_DELAY);
+		return delay and delay.attr.stamp and datetime.parse(delay.attr.stamp);
+	end
+
 	-- A replayed message (it carries the room's <delay/>) another account of this host
-	-- stored already, looked up in the room log around its stamp.
-	local function match_stored(r, key, room, user, stanza)
-		local stamp = stanza:get_child("delay", NS_DELAY);
-		stamp = stamp and stamp.attr.stamp and datetime.parse(stamp.attr.stamp);
+	-- stored already, looked up in the room log around its stamp. Told apart by sender and
+	-- body only, a stored item is the same message when it was stored from a replay with
+	-- the same stamp, or live within LIVE_SKEW seconds of it (so that the same words said
+	-- again later are a message of their own).
+	local function match_stored(r, key, content, room, user, stanza)
+		local stamp = delay_of(stanza);
 		if not stamp then return nil; end
 		local iter = room_store():find(room, { start = stamp - REPLAY_SKEW, limit = REPLAY_SCAN });
 		if not iter then return nil; end
@@ -256,7 +267,11 @@ return function (opts)
 			if not (e and e.claimed[user]) then
 				item.attr.xmlns = nil;
 				if key_of(item, room) == key then
-					return e or remember(r, { id = id, t = stored_at(id, when), key = key, seen = os.time(), claimed = {} });
+					local stored_stamp = content and delay_of(item);
+					if not content or stored_stamp == stamp
+						or (not stored_stamp and math.abs(when - stamp) <= LIVE_SKEW) then
+						return e or remember(r, { id = id, t = stored_at(id, when), key = key, seen = os.time(), claimed = {} });
+					end
 				end
 			end
 		end
@@ -302,7 +317,7 @@ return function (opts)
 			key, content = key_of(stanza, room);
 			e = match(r, key, content, user, since, now);
 			if not e and stanza:get_child("delay", NS_DELAY) then
-				e = match_stored(r, key, room, user, stanza);
+				e = match_stored(r, key, content, room, user, stanza);
 			end
 		end
 		local out = e and e.stanza or stanza;
