@@ -1,6 +1,6 @@
 -- LuaRocks spec for mod_minimix: builds the Rust core with cargo (through the Makefile's
 -- rock-build target) and installs the module as
---   <tree>/share/lua/<5.x>/mod_minimix/{mod_minimix.lua, admin.lib.lua, minimix.so}
+--   <tree>/share/lua/<5.x>/mod_minimix/{mod_minimix.lua, *.lib.lua, minimix.so}
 -- which is where Prosody's plugin loader looks in a luarocks tree: the tree given to
 -- `prosodyctl install` (its installer_plugin_path), or any tree listed in plugin_paths.
 --
