@@ -29,6 +29,7 @@ local jid_prep = require "prosody.util.jid".prep;
 local time_now = require "prosody.util.time".now;
 local datetime = require "prosody.util.datetime";
 local cache = require "prosody.util.cache";
+local sha1 = require "prosody.util.hashes".sha1;
 local storagemanager = require "prosody.core.storagemanager";
 
 local NS_STANZA_ID = "urn:xmpp:sid:0";
@@ -42,7 +43,7 @@ local m_min, m_max, m_floor = math.min, math.max, math.floor;
 -- message told apart only by sender and body matches a stored one no older than this.
 local CONTENT_WINDOW = 30;
 -- What is remembered per room for matching: this many seconds, at most this many items.
-local KEEP_SECONDS, KEEP_ITEMS = 300, 512;
+local KEEP_SECONDS, KEEP_ITEMS = 120, 256;
 -- A replay (a rejoin's history) is also looked up in the room log: from this many
 -- seconds before its <delay/> stamp (clock skew), this many items at most.
 local REPLAY_SKEW, REPLAY_SCAN = 120, 1000;
@@ -225,7 +226,8 @@ return function (opts)
 			end
 		end
 		if origin_id then return "o\0" .. from .. "\0" .. origin_id, false; end
-		return "b\0" .. from .. "\0" .. (stanza:get_child_text("body") or ""), true;
+		-- A digest: bodies can be long, and these keys stay in memory for a while.
+		return "b\0" .. sha1(from .. "\0" .. (stanza:get_child_text("body") or "")), true;
 	end
 
 	-- A remembered item with this key the account has not had yet: the oldest since its
@@ -300,6 +302,16 @@ return function (opts)
 		end
 		return stanza;
 	end
+
+	-- What quiet rooms remembered goes after KEEP_SECONDS too.
+	module:add_timer(KEEP_SECONDS, function ()
+		local now = os.time();
+		for room, r in pairs(recent) do
+			forget_old(r, now);
+			if r.last == 0 then recent[room] = nil; end
+		end
+		return KEEP_SECONDS;
+	end);
 
 	-- Stores a live groupchat message from a room for the account `user`, once per host:
 	-- returns the stanza to fork and the archive's id for it (nil, err when it could not
