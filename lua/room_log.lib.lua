@@ -54,6 +54,8 @@ local LIVE_SKEW = 10;
 -- Rows per storage query when paging through SQL storage: the first page asks for what
 -- the answer needs, each further one four times more, up to this.
 local PAGE_MAX = 1024;
+-- How long the time of a room log's first item is taken as known (expiry moves it on).
+local LOG_START_TTL = 600;
 
 -- The time an item was stored: from its UUIDv7 id (what Prosody's storage drivers make),
 -- else the stored time.
@@ -363,7 +365,8 @@ return function (opts)
 	-- The view
 
 	-- Items of `store` for `user` matching `q` (with, start, end, ids, reverse), each as
-	-- (t, id, item, when, with), those failing `keep(t)` left out; SQL storage is paged
+	-- (t, id, item, when, with), those failing `keep(t)` left out (and none after one for
+	-- which it says "stop"); SQL storage is paged
 	-- through, `rows` at first.
 	local function source(store, user, q, keep, rows)
 		local find_q = { with = q.with, start = q.start, ["end"] = q["end"], ids = q.ids, reverse = q.reverse };
@@ -409,7 +412,10 @@ return function (opts)
 				local id, item, when, with = raw();
 				if id == nil then return nil; end
 				local t = stored_at(id, when);
-				if not keep or keep(t) then return t, id, item, when, with; end
+				if not keep then return t, id, item, when, with; end
+				local verdict = keep(t);
+				if verdict == true then return t, id, item, when, with; end
+				if verdict == "stop" then return nil; end
 			end
 		end;
 	end
@@ -524,6 +530,23 @@ return function (opts)
 		return best;
 	end
 
+	-- The stored time of a room log's first item (minus a second; -inf for an empty
+	-- log), remembered for LOG_START_TTL seconds.
+	local log_starts = {};
+	local function log_start(room)
+		local known = log_starts[room];
+		local now = os.time();
+		if known and known[2] > now then return known[1]; end
+		local first = math.huge;
+		local iter = room_store():find(room, { limit = 1 });
+		if iter then
+			for _, _, when in iter do first = (tonumber(when) or 0) - 1; end
+		end
+		if first == math.huge then first = -math.huge; end
+		log_starts[room] = { first, now + LOG_START_TTL };
+		return first;
+	end
+
 	-- The account's view: as its own archive store's find(user, q) would answer.
 	local function find(user, q)
 		local personal = archive();
@@ -589,12 +612,23 @@ return function (opts)
 			local list = periods_of(user)[room];
 			for i = 1, #list, 2 do
 				local s, e = list[i], list[i + 1];
-				local lo, hi = m_max(base.start or -math.huge, m_floor(s)), base["end"] or math.huge;
+				-- The period's own ends go to the storage only where they cut something
+				-- off: SQL storage given a time bound sorts every row within it (while
+				-- without one it walks its order index and stops at the limit). An open
+				-- period read backwards stops at its start by itself; one that began
+				-- before the log's first item cuts nothing there.
+				local lo, hi = base.start or -math.huge, base["end"] or math.huge;
+				if (e or not reverse) and s > log_start(room) then lo = m_max(lo, m_floor(s)); end
 				if e then hi = m_min(hi, e + 1); end
 				if lo <= hi then
-					local pq = { start = lo, ["end"] = hi < math.huge and hi or nil, ids = q.ids, reverse = reverse };
+					local pq = {
+						start = lo > -math.huge and lo or nil, ["end"] = hi < math.huge and hi or nil,
+						ids = q.ids, reverse = reverse,
+					};
 					local src = source(room_store(), room, pq, function (t)
-						return t >= s and (e == nil or t <= e);
+						if t < s then return reverse and "stop" or false; end
+						if e and t > e then return not reverse and "stop" or false; end
+						return true;
 					end, rows);
 					sources[#sources + 1] = src;
 					room_sources[src] = true;
@@ -618,9 +652,14 @@ return function (opts)
 		for i, src in ipairs(sources) do heads[i] = { src() }; end
 		local limit = q.limit;
 		local given = 0;
+		local taken; -- the source whose head was given last: read on only when needed
 		local iterator = function ()
 			while true do
 				if limit and given >= limit then return nil; end
+				if taken then
+					heads[taken] = { sources[taken]() };
+					taken = nil;
+				end
 				local best;
 				for i = 1, #heads do
 					local h = heads[i];
@@ -640,7 +679,7 @@ return function (opts)
 				if not best then return nil; end
 				local h = heads[best];
 				local t, id, item, when, with = h[1], h[2], h[3], h[4], h[5];
-				heads[best] = { sources[best]() };
+				taken = best;
 				if within(t, id, when, best == exempt) then
 					given = given + 1;
 					if room_sources[sources[best]] then item.attr.to = bare; end
