@@ -32,6 +32,11 @@
 -- Nagle's algorithm (`network_settings = { nagle = false }`; BENCH_NAGLE=1 keeps Prosody's
 -- default): with it, the last segment of an answer often waited for the client's delayed
 -- ACK (40 ms on loopback), at random on either host, which hid the server's own time.
+--
+-- BENCH_PROFILE=1 then asks each query once more on each host (untimed) with the archive
+-- storage's find and get wrapped inside the server (through the admin shell), and on SQL
+-- storage every SQL statement too, and prints each call: store, user, the query's fields,
+-- the items it gave and the CPU time spent in it (os.clock, the iteration included).
 package.path = "./?.lua;./spec/?.lua;" .. package.path
 local Server = require "spec.helpers.server"
 local Client = require "spec.helpers.client"
@@ -265,6 +270,145 @@ local function run(srv, c, query, after_id)
 	return wall, cpu, table.concat(answer, " "), #answer - 1
 end
 
+
+---------------------------------------------------------------------------
+-- Profiling (BENCH_PROFILE)
+
+-- Runs inside the server: wraps the archive storage class's find and get (each top-level
+-- call recorded with its CPU time, the iteration of what it returns included) and, on SQL
+-- storage, the SQL engine's select; prosody.minimix_bench_calls holds the records.
+local PROBE = [[
+local sm = require "prosody.core.storagemanager"
+local calls = {}
+prosody.minimix_bench_calls = calls
+local depth = 0
+local function describe(q)
+	local parts = {}
+	for _, k in ipairs({ "with", "start", "end", "after", "before", "key", "limit", "total", "reverse" }) do
+		local v = q and q[k]
+		if v ~= nil then parts[#parts + 1] = k .. "=" .. tostring(v) end
+	end
+	if q and q.ids then parts[#parts + 1] = "ids=" .. #q.ids end
+	return table.concat(parts, " ")
+end
+local function wrap(cls, name)
+	local orig = cls[name]
+	cls[name] = function(self, user, q)
+		if depth > 0 then return orig(self, user, q) end
+		local rec = { what = name, store = self.store, user = user, q = name == "find" and describe(q) or tostring(q),
+			t = 0, n = 0 }
+		calls[#calls + 1] = rec
+		depth = depth + 1
+		local c = os.clock()
+		local r = table.pack(pcall(orig, self, user, q))
+		depth = depth - 1
+		rec.t = os.clock() - c
+		if not r[1] then error(r[2], 0) end
+		if name == "find" and type(r[2]) == "function" then
+			local it = r[2]
+			r[2] = function(...)
+				local c2 = os.clock()
+				local out = table.pack(it(...))
+				rec.t = rec.t + os.clock() - c2
+				if out[1] ~= nil then rec.n = rec.n + 1 end
+				return table.unpack(out, 1, out.n)
+			end
+		end
+		return table.unpack(r, 2, r.n)
+	end
+end
+-- (Each host loads its own storage module: a class per host.)
+for _, h in ipairs({ "per.localhost", "shared.localhost" }) do
+	local cls = getmetatable(sm.get_driver(h, "archive"):open("archive", "archive")).__index
+	wrap(cls, "find")
+	wrap(cls, "get")
+end
+local ok, sql = pcall(require, "prosody.util.sql")
+if ok and %s then
+	local engine = getmetatable(sql:create_engine({ driver = "SQLite3", database = ":memory:" })).__index
+	local select = engine.select
+	engine.select = function(self, text, ...)
+		local rec = { what = "  sql", store = "", user = "", q = (text:gsub("%%s+", " ")), t = 0, n = 0 }
+		local c = os.clock()
+		local out = table.pack(select(self, text, ...))
+		rec.t = os.clock() - c
+		calls[#calls + 1] = rec
+		return table.unpack(out, 1, out.n)
+	end
+end
+return "wrapped"
+]]
+
+-- What the probe recorded since the last call, one line per call, and cleared.
+local REPORT = [[
+local calls = prosody.minimix_bench_calls
+local out = {}
+for i, r in ipairs(calls) do
+	out[i] = r.what == "  sql" and ("  sql [%%s] %%.2f ms"):format(r.q, r.t * 1000)
+		or ("%%s %%s %%s [%%s] %%d items %%.2f ms"):format(r.what, r.store, r.user, r.q, r.n, r.t * 1000)
+	calls[i] = nil
+end
+return table.concat(out, " | ")
+]]
+
+-- The <metadata/> handler fired inside the server `n` times in a row (no network; the
+-- answer is sent to a stand-in session): CPU ms per call, and the share of it spent in the
+-- storage's find and get.
+local LOOP = [[
+local st = require "prosody.util.stanza"
+local h, n = %q, %d
+local calls = prosody.minimix_bench_calls
+local origin = { username = "alice", host = h, full_jid = "alice@" .. h .. "/loop", type = "c2s",
+	send = function() end }
+local iq = st.iq({ type = "get", to = "alice@" .. h, from = origin.full_jid, id = "loop" })
+	:tag("metadata", { xmlns = "urn:xmpp:mam:2" }):up()
+local events = prosody.hosts[h].events
+for i = #calls, 1, -1 do calls[i] = nil end
+collectgarbage()
+local c = os.clock()
+for _ = 1, n do events.fire_event("iq-get/self/urn:xmpp:mam:2:metadata", { origin = origin, stanza = iq }) end
+local total = os.clock() - c
+local in_storage = 0
+for i, r in ipairs(calls) do
+	if r.what ~= "  sql" then in_storage = in_storage + r.t end
+	calls[i] = nil
+end
+return ("%%.2f ms per call, %%.2f ms of it in the storage's find/get"):format(total / n * 1000,
+	in_storage / n * 1000)
+]]
+
+local function profile(srv, storage, q, after_id)
+	local file = srv.dir .. "/probe.lua"
+	local f = assert(io.open(file, "w"))
+	f:write(PROBE:format(tostring(storage == "sqlite")))
+	f:close()
+	local report_file = srv.dir .. "/report.lua"
+	f = assert(io.open(report_file, "w"))
+	f:write(REPORT:format())
+	f:close()
+	local result, out = srv:eval(("dofile(%q)"):format(file))
+	assert(result == "wrapped", "could not wrap the storage: " .. out)
+	for _, h in ipairs(HOSTS) do
+		local loop_file = srv.dir .. "/loop.lua"
+		f = assert(io.open(loop_file, "w"))
+		f:write(LOOP:format(h, 50))
+		f:close()
+		local res, loop_out = srv:eval(("dofile(%q)"):format(loop_file))
+		print(("storage %s, <metadata/> handler on %s, 50 calls in a loop: %s"):format(storage, h,
+			res or loop_out))
+	end
+	print(("storage %s, storage calls per query (BENCH_PROFILE; CPU ms inside the server):"):format(storage))
+	for _, query in ipairs(QUERIES) do
+		for _, h in ipairs(HOSTS) do
+			srv:eval(("dofile(%q)"):format(report_file))
+			run(srv, q[h], query, after_id[h])
+			local report = srv:eval(("dofile(%q)"):format(report_file)) or "?"
+			print(("  %s %s:"):format(query.label, h))
+			for call in report:gmatch("[^|]+") do print("    " .. call:gsub("^ (.-)%s*$", "%1")) end
+		end
+	end
+end
+
 local function bench(storage)
 	local srv = start(storage)
 	local q = traffic(srv)
@@ -303,6 +447,7 @@ local function bench(storage)
 			end
 		end
 	end
+	if os.getenv("BENCH_PROFILE") then profile(srv, storage, q, after_id) end
 	srv:destroy()
 
 	print(("storage %s: %d room lines (11 accounts of each host in the room), %d private and %d chat messages;"
