@@ -139,7 +139,8 @@ test-trunk: $(TRUNK_STAMP)
 # In process: Prosody's GC settings, then with 1,000 other memberships held, then Lua's
 # own GC settings; memory once. The storage's own append, timed inside Prosody. End to
 # end: both shapes and mod_mam's floor (the chat shape), archives on Prosody's files, then
-# on SQLite (fewer messages: every archived copy is a transaction).
+# on SQLite (fewer messages: every archived copy is a transaction). Then the MAM queries
+# clients send, on a shared-archive host and a per-account one with the same traffic.
 bench: deps build
 	lua5.4 spec/bench/inprocess.lua
 	lua5.4 spec/bench/inprocess.lua --state 1000 --memory 0
@@ -147,6 +148,7 @@ bench: deps build
 	lua5.4 spec/bench/storage.lua
 	lua5.4 spec/bench/e2e.lua multi,single,chat 3 2000 plain,minimix,minimix+archive,peraccount:minimix+archive,nostore:minimix+archive internal
 	lua5.4 spec/bench/e2e.lua multi,single,chat 3 1000 plain,minimix,minimix+archive,peraccount:minimix+archive sqlite
+	lua5.4 spec/bench/queries.lua
 
 # Soak: 300 sessions of 100 accounts in 30 rooms, 20,000 messages, join/leave/disconnect
 # churn; every delivery checked, server RSS before and after (README, Reliability).

@@ -19,11 +19,9 @@ local NS_DELAY = "urn:xmpp:delay"
 
 local M = { NS = NS_MAM }
 
---- A MAM query of `c`'s own archive. `o`: with, max, after, before (a string, or true for
---- an empty <before/>), flip (flip-page), start/end_ (timestamps), before_id, after_id, ids
---- (a list), form_type. Returns { error = condition } or { results = { { id, message,
---- stamp } }, complete, count, first, last }.
-function M.query(c, o)
+--- The <iq type=set/> of a MAM query of the account `bare`'s own archive, and its queryid.
+--- `o` as for M.query.
+function M.query_iq(bare, o)
 	local queryid = Client.new_id()
 	local form = st.stanza("x", { xmlns = "jabber:x:data", type = "submit" })
 		:tag("field", { var = "FORM_TYPE", type = "hidden" }):text_tag("value", o.form_type or NS_MAM):up()
@@ -49,7 +47,16 @@ function M.query(c, o)
 		query:add_child(set)
 	end
 	if o.flip then query:tag("flip-page"):up() end
-	local fin = assert(c:iq(st.iq({ type = "set", to = c.bare, id = Client.new_id() }):add_child(query)))
+	return st.iq({ type = "set", to = bare, id = Client.new_id() }):add_child(query), queryid
+end
+
+--- A MAM query of `c`'s own archive. `o`: with, max, after, before (a string, or true for
+--- an empty <before/>), flip (flip-page), start/end_ (timestamps), before_id, after_id, ids
+--- (a list), form_type. Returns { error = condition } or { results = { { id, message,
+--- stamp } }, complete, count, first, last }.
+function M.query(c, o)
+	local iq, queryid = M.query_iq(c.bare, o)
+	local fin = assert(c:iq(iq))
 	if fin.attr.type == "error" then
 		return { error = muc.error_condition(fin) }
 	end
@@ -78,11 +85,15 @@ function M.query(c, o)
 	return answer
 end
 
+--- The <iq type=get/> asking the account `bare`'s archive for its <metadata/>.
+function M.metadata_iq(bare)
+	return st.iq({ type = "get", to = bare, id = Client.new_id() }):tag("metadata", { xmlns = NS_MAM }):up()
+end
+
 --- The archive's <metadata/> (urn:xmpp:mam:2): { start = { id =, timestamp = } or nil,
 --- ["end"] = the same } or { error = condition }.
 function M.metadata(c)
-	local reply = assert(c:iq(st.iq({ type = "get", to = c.bare, id = Client.new_id() })
-		:tag("metadata", { xmlns = NS_MAM }):up()))
+	local reply = assert(c:iq(M.metadata_iq(c.bare)))
 	if reply.attr.type == "error" then return { error = muc.error_condition(reply) } end
 	local meta = assert(reply:get_child("metadata", NS_MAM), tostring(reply))
 	local out = {}
