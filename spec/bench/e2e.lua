@@ -35,6 +35,8 @@
 -- as in multi) and remote (remote.localhost: plain Prosody with the same modules and
 -- storage, the MUC conference.remote.localhost with mod_muc_mam, so the room puts its
 -- stanza-id in every message as most public MUC services do, and the account "sender").
+-- BENCH_FED_MUC_MAM=0 leaves mod_muc_mam out: no stanza-id from the room, and the sender
+-- sends no origin-id, so the module matches each account's copy by sender and body.
 -- The sender is on the remote server: in the issue's figures the module sends a third of
 -- the s2s bytes, 20 account copies instead of 60 session copies (the sender's reflection
 -- never crosses); a sender on home would make it 21/61 and add its own c2s work to home.
@@ -213,7 +215,8 @@ function shapes.fed(mode)
 		remote = {
 			module = false, host = REMOTE, muc_host = REMOTE_MUC, accounts = accounts_for{ "sender" },
 			log_level = "warn", modules = TYPICAL_MODULES, global_options = storage_options(current_storage),
-			muc_options = { muc_room_locking = false, max_history_messages = 20 }, muc_modules = { "muc_mam" },
+			muc_options = { muc_room_locking = false, max_history_messages = 20 },
+			muc_modules = os.getenv("BENCH_FED_MUC_MAM") ~= "0" and { "muc_mam" } or {},
 		},
 	}
 	srv.peer = remote
