@@ -64,7 +64,7 @@ local function list_arg(value, default)
 	for item in (value or default):gmatch("[^,]+") do out[#out + 1] = item end
 	return out
 end
-local SHAPE_SETS = { both = "multi,single", all = "multi,single,rooms,chat" }
+local SHAPE_SETS = { both = "multi,single", all = "multi,single,rooms,fed,chat" }
 local SHAPES = list_arg(SHAPE_SETS[arg[1] or "both"] or arg[1], "")
 local RUNS = tonumber(arg[2]) or 3
 local MESSAGES = tonumber(arg[3]) or 2000
