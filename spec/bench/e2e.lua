@@ -240,8 +240,8 @@ end
 -- What went over s2s between home and remote (srv.peer), as the kernel counts it per TCP
 -- socket (tcp_info, read with `ss -ti`): payload bytes the remote's ends of the s2s
 -- connections (those to home's s2s port and those accepted on its own) sent and home
--- acknowledged (bytes_acked; bytes_sent also counts retransmissions, which happen on
--- loopback too when home's receive buffer is full), and what home's ends received. Both
+-- acknowledged (bytes_acked; bytes_sent also counts retransmissions, and a smoke run on
+-- this loaded machine showed some on loopback too), and what home's ends received. Both
 -- servers' s2s ports are their own listeners, so no other socket matches.
 local function s2s_bytes(home, remote)
 	local f = assert(io.popen(("ss -tinH state established '( sport = :%d or dport = :%d or sport = :%d or dport = :%d )'")
