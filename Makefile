@@ -147,6 +147,7 @@ bench: deps build
 	lua5.4 spec/bench/inprocess.lua --gc lua --memory 0
 	lua5.4 spec/bench/storage.lua
 	lua5.4 spec/bench/e2e.lua multi,single,chat 3 2000 plain,minimix,minimix+archive,peraccount:minimix+archive,nostore:minimix+archive internal
+	lua5.4 spec/bench/e2e.lua fed 3 1000 plain,minimix,minimix+archive,peraccount:minimix+archive,nostore:minimix+archive internal
 	lua5.4 spec/bench/e2e.lua multi,single,chat 3 1000 plain,minimix,minimix+archive,peraccount:minimix+archive sqlite
 	lua5.4 spec/bench/queries.lua
 

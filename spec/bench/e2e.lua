@@ -8,6 +8,9 @@
 --            multi  20 accounts x 3 sessions in one room (plus the sender's account)
 --            single 60 accounts x 1 session in one room (the first account sends)
 --            rooms  200 accounts x 1 session, 50 rooms of 20 accounts each
+--            fed    the room on another server: 20 accounts x 3 sessions on the home server
+--                   (plain or with the module), the room and the sender's account on a
+--                   remote plain Prosody, over real s2s on loopback (see below)
 --            chat   the floor: 20 accounts send one-to-one chat to 20 others, on plain
 --                   Prosody with mod_mam (which stores each message twice, once in each
 --                   account's archive) and without it; always modes mam,nomam
@@ -27,6 +30,27 @@
 -- minimix+archive - CPU of minimix) / (messages x accounts in the room), the median over
 -- the rounds; mod_mam's floor is (CPU with mod_mam - CPU without) / (2 x messages).
 --
+-- The fed shape (issue 13's measurement with the room on another server) runs two Prosody
+-- processes joined by Server.federation: home (localhost: the accounts, configured per mode
+-- as in multi) and remote (remote.localhost: plain Prosody with the same modules and
+-- storage, the MUC conference.remote.localhost with mod_muc_mam, so the room puts its
+-- stanza-id in every message as most public MUC services do, and the account "sender").
+-- BENCH_FED_MUC_MAM=0 leaves mod_muc_mam out: no stanza-id from the room, and the sender
+-- sends no origin-id, so the module matches each account's copy by sender and body.
+-- The sender is on the remote server: in the issue's figures the module sends a third of
+-- the s2s bytes, 20 account copies instead of 60 session copies (the sender's reflection
+-- never crosses); a sender on home would make it 21/61 and add its own c2s work to home.
+-- It reports home's CPU (the main figure: the accounts' server, where the module runs), the
+-- remote's CPU, both per message and as ratios to plain, and the s2s bytes from remote to
+-- home. Those bytes are the kernel's own per-socket TCP counters (tcp_info, read with
+-- `ss -ti` before and after the message phase): bytes_acked of the remote's ends of the
+-- s2s connections (found by the two servers' s2s listening ports, which no other socket
+-- can use), checked against bytes_received of home's ends. That counts exactly the s2s
+-- streams' payload (no c2s traffic, no log writes, unlike the process's write counters in
+-- /proc/<pid>/io) and needs no proxy between the servers (which would add its own CPU and
+-- latency on a 2-core machine). A round whose two counts differ by over 1 % or whose s2s
+-- connections changed during the phase is reported and left out of the bytes.
+--
 -- BENCH_PERF=<mode> records the server with `perf record -g` during that mode's message
 -- phase (perf-<shape>-<storage>-<mode>.data in the current directory), for profiling.
 package.path = "./?.lua;./spec/?.lua;" .. package.path
@@ -40,7 +64,7 @@ local function list_arg(value, default)
 	for item in (value or default):gmatch("[^,]+") do out[#out + 1] = item end
 	return out
 end
-local SHAPE_SETS = { both = "multi,single", all = "multi,single,rooms,chat" }
+local SHAPE_SETS = { both = "multi,single", all = "multi,single,rooms,fed,chat" }
 local SHAPES = list_arg(SHAPE_SETS[arg[1] or "both"] or arg[1], "")
 local RUNS = tonumber(arg[2]) or 3
 local MESSAGES = tonumber(arg[3]) or 2000
@@ -129,7 +153,7 @@ local current_storage = "internal"
 
 -- A mode named "base:<mode>" runs <mode> with the plugin in $BENCH_BASE_PLUGIN (a folder
 -- holding mod_minimix/), to compare two versions of the module in the same run.
-local function server_for(mode, names)
+local function server_options(mode, names)
 	local plugin_path
 	mode = mode:gsub("^nostore:", "")
 	local per_account = mode:match("^peraccount:") ~= nil
@@ -139,13 +163,17 @@ local function server_for(mode, names)
 		mode = mode:sub(6)
 	end
 	local options = { minimix_archive = mode == "minimix+archive", minimix_shared_archive = not per_account }
-	return Server.start{
+	return {
 		plugin_path = plugin_path,
 		module = mode == "minimix" or mode == "minimix+archive", accounts = accounts_for(names), log_level = "warn",
 		modules = mode == "nomam" and WITHOUT_MAM or TYPICAL_MODULES,
 		options = options, global_options = storage_options(current_storage),
 		muc_options = { muc_room_locking = false, max_history_messages = 20 },
 	}
+end
+
+local function server_for(mode, names)
+	return Server.start(server_options(mode, names))
 end
 
 function shapes.multi(mode)
@@ -170,6 +198,73 @@ function shapes.multi(mode)
 		end
 	end
 	return srv, { { client = sender, room = room, count = MESSAGES } }, sessions, function() return MESSAGES end
+end
+
+-- The room on another server (issue 13's federated measurement): home (localhost) holds
+-- the 20 accounts x 3 sessions, plain or with the module as in multi; remote
+-- (remote.localhost) is plain Prosody with the MUC conference.remote.localhost (with
+-- mod_muc_mam, as most public MUC services have: the room puts its stanza-id in every
+-- message) and the sender's account. The two talk over real s2s on loopback.
+local REMOTE, REMOTE_MUC = "remote.localhost", "conference.remote.localhost"
+function shapes.fed(mode)
+	local with_module = mode ~= "plain"
+	local names = {}
+	for i = 1, 20 do names[i] = "user" .. i end
+	local srv, remote = Server.federation{
+		home = server_options(mode, names),
+		remote = {
+			module = false, host = REMOTE, muc_host = REMOTE_MUC, accounts = accounts_for{ "sender" },
+			log_level = "warn", modules = TYPICAL_MODULES, global_options = storage_options(current_storage),
+			muc_options = { muc_room_locking = false, max_history_messages = 20 },
+			muc_modules = os.getenv("BENCH_FED_MUC_MAM") ~= "0" and { "muc_mam" } or {},
+		},
+	}
+	srv.peer = remote
+	local room = "bench@" .. REMOTE_MUC
+	local sender = Client.connect{ port = remote.port, host = REMOTE, user = "sender", resource = "s" }
+	sender:send(Client.muc_join(room .. "/sender", { history = { maxstanzas = 0 } }))
+	assert(sender:wait_for(function(el) return Client.muc_status(el)[110] end, 10))
+	local sessions = {}
+	for i = 1, 20 do
+		for r = 1, 3 do
+			local c = Client.connect{ port = srv.port, user = "user" .. i, resource = "r" .. r }
+			local nick = with_module and ("user" .. i) or ("user" .. i .. "-" .. r)
+			c:send(Client.muc_join(room .. "/" .. nick, { history = { maxstanzas = 0 } }))
+			assert(c:wait_for(function(el) return Client.muc_status(el)[110] end, 20))
+			sessions[#sessions + 1] = c
+		end
+	end
+	return srv, { { client = sender, room = room, count = MESSAGES } }, sessions, function() return MESSAGES end
+end
+
+-- What went over s2s between home and remote (srv.peer), as the kernel counts it per TCP
+-- socket (tcp_info, read with `ss -ti`): payload bytes the remote's ends of the s2s
+-- connections (those to home's s2s port and those accepted on its own) sent and home
+-- acknowledged (bytes_acked; bytes_sent also counts retransmissions, and a smoke run on
+-- this loaded machine showed some on loopback too), and what home's ends received. Both
+-- servers' s2s ports are their own listeners, so no other socket matches.
+local function s2s_bytes(home, remote)
+	local f = assert(io.popen(("ss -tinH state established '( sport = :%d or dport = :%d or sport = :%d or dport = :%d )'")
+		:format(home.s2s_port, home.s2s_port, remote.s2s_port, remote.s2s_port)))
+	local out = f:read("a")
+	f:close()
+	local sent, received, sockets, socket_ports = 0, 0, 0, nil
+	for line in out:gmatch("[^\n]+") do
+		local here, there = line:match("^%S+%s+%S+%s+%S+:(%d+)%s+%S+:(%d+)")
+		if here then
+			socket_ports = { tonumber(here), tonumber(there) }
+		elseif socket_ports then
+			local l, p = socket_ports[1], socket_ports[2]
+			if l == remote.s2s_port or p == home.s2s_port then
+				sent = sent + tonumber(line:match("bytes_acked:(%d+)") or 0)
+			elseif l == home.s2s_port or p == remote.s2s_port then
+				received = received + tonumber(line:match("bytes_received:(%d+)") or 0)
+			end
+			sockets = sockets + 1
+			socket_ports = nil
+		end
+	end
+	return { sent = sent, received = received, sockets = sockets }
 end
 
 -- One room: `accounts` accounts with one session each; the first one sends.
@@ -270,6 +365,9 @@ local function run_once(shape, mode)
 			.. [[getmetatable(s).__index.append = function() return "nostore-id" end; return "stubbed"]])
 		assert(res == "stubbed", "could not stub the archive's append: " .. out)
 	end
+	local peer = srv.peer
+	local s2s0 = peer and s2s_bytes(srv, peer)
+	local peer_cpu0 = peer and cpu_seconds(peer.pid)
 	local cpu0, t0 = cpu_seconds(srv.pid), socket.gettime()
 	local rss0 = rss_kib(srv.pid)
 	local sent, total = 0, 0
@@ -298,6 +396,20 @@ local function run_once(shape, mode)
 	while not done() and socket.gettime() < deadline do pump(counters, by_sock, 0.5) end
 	local wall = socket.gettime() - t0
 	local cpu = cpu_seconds(srv.pid) - cpu0
+	local peer_cpu, s2s
+	if peer then
+		peer_cpu = cpu_seconds(peer.pid) - peer_cpu0
+		local s2s1 = s2s_bytes(srv, peer)
+		s2s = s2s1.sent - s2s0.sent
+		-- A connection closed (or opened and closed) during the phase would make the
+		-- counts wrong: the remote's ends must have sent what home's ends received.
+		local received = s2s1.received - s2s0.received
+		if s2s1.sockets ~= s2s0.sockets or math.abs(received - s2s) > 0.01 * s2s then
+			io.stderr:write(("  s2s sockets %d -> %d, remote sent %d bytes, home received %d: not counted\n")
+				:format(s2s0.sockets, s2s1.sockets, s2s, received))
+			s2s = nil
+		end
+	end
 	if perf then
 		os.execute("kill -INT " .. perf)
 		socket.sleep(2)
@@ -316,7 +428,7 @@ local function run_once(shape, mode)
 	srv:stop()
 	Server.stop_all()
 	return { cpu = cpu, wall = wall, delivered = delivered, lost = lost, dup = dup, want = want,
-		rss_growth = rss1 - rss0, messages = total }
+		rss_growth = rss1 - rss0, messages = total, peer_cpu = peer_cpu, s2s = s2s }
 end
 
 local function median(list)
@@ -325,7 +437,7 @@ local function median(list)
 end
 
 -- Archived copies per message: one per account in the room (the sender's included).
-local COPIES = { multi = 21, single = 60, rooms = 20 }
+local COPIES = { multi = 21, single = 60, rooms = 20, fed = 20 }
 
 local summary = {}
 
@@ -401,6 +513,44 @@ local function bench(shape)
 			end
 		end
 	end
+	-- The room on another server: the remote server's CPU and the s2s bytes to home, per
+	-- message, medians and ratios to plain as for home's CPU.
+	if results[base][1].peer_cpu then
+		row.peer = {}
+		local function values(mode, key)
+			local v, n = {}, 0
+			for i = 1, RUNS do
+				v[i] = results[mode][i][key]
+				if v[i] then n = n + 1 end
+			end
+			return n == RUNS and v or {}
+		end
+		print("  (server CPU above: the home server's, where the accounts and their sessions are)")
+		for _, what in ipairs{ { "peer_cpu", "remote server CPU", 1000, "ms" }, { "s2s", "s2s remote->home", 1, "bytes" } } do
+			local key, label, scale, unit = table.unpack(what)
+			row.peer[key] = {}
+			for _, mode in ipairs(modes) do
+				local v = values(mode, key)
+				if #v == RUNS then
+					local per_message = median({ table.unpack(v) }) * scale / p.messages
+					local text = ("  %-15s %s %9.3f %s/message"):format(mode, label, per_message, unit)
+					local b = values(base, key)
+					if mode ~= base and #b == RUNS then
+						local per_round = {}
+						for i = 1, RUNS do per_round[i] = v[i] / b[i] end
+						table.sort(per_round)
+						local ratio = median(v) / median(b)
+						row.peer[key][mode] = { ratio, per_round[1], per_round[#per_round] }
+						text = text .. ("  ratio to %s %.2f (rounds %.2f to %.2f)"):format(base, ratio, per_round[1],
+							per_round[#per_round])
+					end
+					print(text)
+				else
+					print(("  %-15s %s: not counted in every round"):format(mode, label))
+				end
+			end
+		end
+	end
 	summary[#summary + 1] = row
 	return bad
 end
@@ -440,6 +590,17 @@ for _, row in ipairs(summary) do
 			end
 		end
 		print(("  %-8s %-6s %s%s"):format(row.storage, row.shape, table.concat(parts, "  "), copy))
+		for _, what in ipairs{ { "peer_cpu", "remote server CPU" }, { "s2s", "s2s bytes remote->home" } } do
+			local ratios = row.peer and row.peer[what[1]]
+			if ratios then
+				parts = {}
+				for _, mode in ipairs(MODES) do
+					local r = ratios[mode]
+					if r then parts[#parts + 1] = ("%s %.2f (%.2f-%.2f)"):format(mode, r[1], r[2], r[3]) end
+				end
+				if #parts > 0 then print(("  %-15s %s: %s"):format("", what[2], table.concat(parts, "  "))) end
+			end
+		end
 	else
 		print(("  %-8s %-6s mod_mam per archived one-to-one message %.1f µs (rounds %.1f-%.1f)"):format(row.storage,
 			row.shape, row.floor[1], row.floor[2], row.floor[3]))
