@@ -170,8 +170,9 @@ local store = module:open_store("minimix");
 -- account got since `got` was last stored is then read back from the archive.
 local state_store = module:open_store("minimix_state");
 
--- The shared archive (set below when on).
-local room_log;
+-- The shared archive (set below when on), and the account's archive store while the
+-- module archives (below).
+local room_log, archive;
 
 local function persist(user)
 	local ok, rows = pcall(core.persisted, core, user);
@@ -184,7 +185,7 @@ local function persist(user)
 		data = data or {};
 		data[row.room] = { nick = row.nick, password = row.password, joined = row.joined or nil, got = row.got };
 	end
-	if room_log then
+	if room_log and archive() then
 		-- A membership that ended ends the account's period in the room's log.
 		local synced, err = pcall(room_log.sync, user, data or {});
 		if not synced then module:log("error", "Could not end the archive periods of %s: %s", user, err); end
@@ -202,7 +203,7 @@ local archive_upkeep = module:require("archive_upkeep");
 -- The account's own MAM archive, when archiving is on.
 local modulemanager = require "prosody.core.modulemanager";
 local archive_store;
-local function archive()
+function archive()
 	if archive_setting == false then return nil; end
 	if archive_setting == nil and not modulemanager.is_loaded(host, "mam") then
 		return nil;
