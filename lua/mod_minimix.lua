@@ -303,14 +303,24 @@ end
 
 -- The archive's <stanza-id/> on the stanza to fork, for as long as it is sent: the room may
 -- hand the same stanza object to other accounts after this one, so `unstamp` takes it off
--- again. Sending serializes (or copies, as mod_smacks and mod_csi_simple do) at once.
+-- again. Sending serializes (or copies, as mod_smacks and mod_csi_simple do) at once, so
+-- one tag serves every fork, its `by` and `id` set for each (a new one only when a fork
+-- is made while another is being sent).
+local stamp_tag, stamp_busy = st.stanza("stanza-id", { xmlns = NS_STANZA_ID }), false;
 local function stamp(stanza, user, id)
-	local tag = st.stanza("stanza-id", { xmlns = NS_STANZA_ID, by = bare_jids[user], id = id });
+	local tag;
+	if stamp_busy then
+		tag = st.stanza("stanza-id", { xmlns = NS_STANZA_ID, by = bare_jids[user], id = id });
+	else
+		tag, stamp_busy = stamp_tag, true;
+		tag.attr.by, tag.attr.id = bare_jids[user], id;
+	end
 	stanza:add_direct_child(tag);
 	return tag;
 end
 
 local function unstamp(stanza, tag)
+	if tag == stamp_tag then stamp_busy = false; end
 	local tags = stanza.tags;
 	if tags[#tags] == tag and stanza[#stanza] == tag then
 		tags[#tags] = nil;

@@ -319,15 +319,16 @@ return function (opts)
 	-- returns the stanza to fork and the archive's id for it (nil, err when it could not
 	-- be stored).
 	local function store_live(user, stanza)
-		local room = jid_bare(stanza.attr.from);
-		local now = os.time();
-		local r = room_recent(room);
-		forget_old(r, now);
-		local since = open_since(user, room);
+		-- The same stanza object handed to the next account of the host: stored already.
 		local e = by_object[stanza];
+		local room = e and e.room or jid_bare(stanza.attr.from);
+		local since = open_since(user, room);
 		if e and (e.claimed[user] or (since and e.t < since)) then e = nil; end
-		local key, content;
+		local key, content, now, r;
 		if not e then
+			now = os.time();
+			r = room_recent(room);
+			forget_old(r, now);
 			key, content = key_of(stanza, room);
 			e = match(r, key, content, user, since, now);
 			if not e and stanza:get_child("delay", NS_DELAY) then
@@ -345,7 +346,7 @@ return function (opts)
 			local id, err = room_store():append(room, nil, out, when, room);
 			out.attr.to = to;
 			if not id then return stanza, nil, err; end
-			e = remember(r, { id = id, t = stored_at(id, when), key = key, seen = now, claimed = {} });
+			e = remember(r, { id = id, t = stored_at(id, when), key = key, seen = now, claimed = {}, room = room });
 			if out ~= stanza then e.stanza = out; end
 			by_object[stanza] = e;
 		end
