@@ -548,6 +548,26 @@ return function (opts)
 		return first;
 	end
 
+	-- Whether this internal storage lets one item past a time bound through (above): asked
+	-- once of a non-empty archive (the account's own, else a room log of its periods) with
+	-- a start after everything.
+	local one_through;
+	local function lets_one_through(user)
+		if one_through ~= nil then return one_through; end
+		local candidates = { { archive(), user } };
+		for room in pairs(periods_of(user)) do candidates[#candidates + 1] = { room_store(), room }; end
+		for _, c in ipairs(candidates) do
+			local store, owner = c[1], c[2];
+			local any = store:find(owner, { limit = 1 });
+			if any and any() then
+				local past = store:find(owner, { start = 2 ^ 40 });
+				one_through = (past and past()) ~= nil;
+				return one_through;
+			end
+		end
+		return false;
+	end
+
 	-- The account's view: as its own archive store's find(user, q) would answer.
 	local function find(user, q)
 		local personal = archive();
@@ -583,12 +603,13 @@ return function (opts)
 			return true;
 		end
 		-- Internal storage finds where a time bound begins by bisecting the archive, which
-		-- (Prosody 13.0) lets one item past it through: paging backwards from `end`, the
+		-- in Prosody 13.0 lets one item past it through: paging backwards from `end`, the
 		-- first item stored after it; going forward from a `start` past everything, the
-		-- archive's last item. The view lets the same one item through, once, when the
+		-- archive's last item (trunk filters by both bounds after bisecting). Where the
+		-- storage does that, the view lets the same one item through, once, when the
 		-- query's other filters let it.
 		local extra;
-		if not sql then
+		if not sql and (q.start or q["end"]) and lets_one_through(user) then
 			if reverse and q["end"] then
 				extra = edge_item(user, q["end"]);
 			elseif not reverse and q.start then
