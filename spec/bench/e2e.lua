@@ -55,6 +55,7 @@
 -- phase (perf-<shape>-<storage>-<mode>.data in the current directory), for profiling.
 package.path = "./?.lua;./spec/?.lua;" .. package.path
 local Server = require "spec.helpers.server"
+local stream_count = require "spec.bench.stream_count"
 local Client = require "spec.helpers.client"
 local socket = require "socket"
 
@@ -95,34 +96,12 @@ local function rss_kib(pid)
 end
 
 -- A session whose stream is scanned for the marker instead of parsed.
-local function counter(client)
-	return { client = client, sock = client.sock, count = 0, tail = "" }
-end
+local counter = stream_count.counter
 
 local MARK = "<body>bmk"
 
 local function pump(counters, by_sock, timeout)
-	local socks = {}
-	for i, c in ipairs(counters) do socks[i] = c.sock end
-	local readable = socket.select(socks, nil, timeout)
-	for _, s in ipairs(readable) do
-		local c = by_sock[s]
-		s:settimeout(0)
-		local data, err, partial = s:receive(65536)
-		data = data or partial
-		if data and #data > 0 then
-			local chunk = c.tail .. data
-			local from = 1
-			while true do
-				local i = chunk:find(MARK, from, true)
-				if not i then break end
-				c.count = c.count + 1
-				from = i + #MARK
-			end
-			c.tail = chunk:sub(-(#MARK - 1))
-		end
-		if err == "closed" then error("a benchmark session was disconnected") end
-	end
+	return stream_count.pump(counters, by_sock, timeout, MARK)
 end
 
 local function accounts_for(names)

@@ -39,6 +39,7 @@
 -- the items it gave and the CPU time spent in it (os.clock, the iteration included).
 package.path = "./?.lua;./spec/?.lua;" .. package.path
 local Server = require "spec.helpers.server"
+local stream_count = require "spec.bench.stream_count"
 local Client = require "spec.helpers.client"
 local mam = require "spec.helpers.mam"
 local socket = require "socket"
@@ -77,32 +78,10 @@ end
 -- A session whose stream is scanned for the benchmark's body marker instead of parsed
 -- (as in e2e.lua), so the client side stays cheap while the room is busy.
 local MARK = "<body>b"
-local function counter(client, want)
-	return { client = client, sock = client.sock, count = 0, tail = "", want = want }
-end
+local counter = stream_count.counter
 
 local function pump(counters, by_sock, timeout)
-	local socks = {}
-	for i, c in ipairs(counters) do socks[i] = c.sock end
-	local readable = socket.select(socks, nil, timeout)
-	for _, s in ipairs(readable) do
-		local c = by_sock[s]
-		s:settimeout(0)
-		local data, err, partial = s:receive(65536)
-		data = data or partial
-		if data and #data > 0 then
-			local chunk = c.tail .. data
-			local from = 1
-			while true do
-				local i = chunk:find(MARK, from, true)
-				if not i then break end
-				c.count = c.count + 1
-				from = i + #MARK
-			end
-			c.tail = chunk:sub(-(#MARK - 1))
-		end
-		if err == "closed" then error("a benchmark session was disconnected") end
-	end
+	return stream_count.pump(counters, by_sock, timeout, MARK)
 end
 
 local function start(storage)
