@@ -290,14 +290,7 @@ impl Host {
             if !has_body && el.has_child("subject", NS_CLIENT) {
                 m.subject = kept(el).or(m.subject.take());
                 m.complete = true;
-                if let Some(note) = end_replay(m, &mut self.counters) {
-                    out.note(Note::CaughtUp {
-                        user,
-                        room,
-                        new: note.0,
-                        known: note.1,
-                    });
-                }
+                end_replay(m, &mut self.counters, &mut out, user, room);
             } else if has_body {
                 let delay = el
                     .child_attr("delay", NS_DELAY, "stamp")
@@ -309,14 +302,7 @@ impl Host {
                         // Live traffic means the join answer is over, even from a room
                         // that sends no subject at all.
                         m.complete = true;
-                        if let Some(note) = end_replay(m, &mut self.counters) {
-                            out.note(Note::CaughtUp {
-                                user,
-                                room,
-                                new: note.0,
-                                known: note.1,
-                            });
-                        }
+                        end_replay(m, &mut self.counters, &mut out, user, room);
                         out.archive = true;
                         m.received.got(mark);
                         if !self.unsaved.contains(user) {
@@ -475,13 +461,24 @@ fn self_ping_error_means_joined(condition: Option<&str>) -> bool {
 
 /// The room's join answer is over: if it was a replay after a rejoin made by the module,
 /// end it and say how many messages were new and how many the account already had.
-fn end_replay(m: &mut Membership, counters: &mut Counters) -> Option<(u32, u32)> {
+fn end_replay(
+    m: &mut Membership,
+    counters: &mut Counters,
+    out: &mut Outcome,
+    user: &str,
+    room: &str,
+) {
     if !m.replaying {
-        return None;
+        return;
     }
     m.replaying = false;
     let (new, known) = std::mem::take(&mut m.replay_counts);
     counters.replayed_new += u64::from(new);
     counters.replayed_known += u64::from(known);
-    Some((new, known))
+    out.note(Note::CaughtUp {
+        user,
+        room,
+        new,
+        known,
+    });
 }
