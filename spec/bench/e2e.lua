@@ -155,6 +155,25 @@ local function server_for(mode, names)
 	return Server.start(server_options(mode, names))
 end
 
+-- The sender joins `room`, then 20 accounts x 3 sessions on `srv` (multi and fed): plain
+-- MUC makes each session its own occupant (a nick per session); with the module they
+-- share the account's nick and later sessions are served locally. Returns the sessions.
+local function join_twenty_by_three(srv, sender, room, with_module)
+	sender:send(Client.muc_join(room .. "/sender", { history = { maxstanzas = 0 } }))
+	assert(sender:wait_for(function(el) return Client.muc_status(el)[110] end, 10))
+	local sessions = {}
+	for i = 1, 20 do
+		for r = 1, 3 do
+			local c = Client.connect{ port = srv.port, user = "user" .. i, resource = "r" .. r }
+			local nick = with_module and ("user" .. i) or ("user" .. i .. "-" .. r)
+			c:send(Client.muc_join(room .. "/" .. nick, { history = { maxstanzas = 0 } }))
+			assert(c:wait_for(function(el) return Client.muc_status(el)[110] end, 20))
+			sessions[#sessions + 1] = c
+		end
+	end
+	return sessions
+end
+
 function shapes.multi(mode)
 	local with_module = mode ~= "plain"
 	local names = { "sender" }
@@ -162,21 +181,8 @@ function shapes.multi(mode)
 	local srv = server_for(mode, names)
 	local room = "bench@" .. MUC
 	local sender = Client.connect{ port = srv.port, user = "sender", resource = "s" }
-	sender:send(Client.muc_join(room .. "/sender", { history = { maxstanzas = 0 } }))
-	assert(sender:wait_for(function(el) return Client.muc_status(el)[110] end, 10))
-	local sessions = {}
-	for i = 1, 20 do
-		for r = 1, 3 do
-			local c = Client.connect{ port = srv.port, user = "user" .. i, resource = "r" .. r }
-			-- Plain MUC: each session is its own occupant (nick per session). With the
-			-- module: the account's nick; later sessions are served locally.
-			local nick = with_module and ("user" .. i) or ("user" .. i .. "-" .. r)
-			c:send(Client.muc_join(room .. "/" .. nick, { history = { maxstanzas = 0 } }))
-			assert(c:wait_for(function(el) return Client.muc_status(el)[110] end, 10))
-			sessions[#sessions + 1] = c
-		end
-	end
-	return srv, { { client = sender, room = room, count = MESSAGES } }, sessions, function() return MESSAGES end
+	return srv, { { client = sender, room = room, count = MESSAGES } },
+		join_twenty_by_three(srv, sender, room, with_module), function() return MESSAGES end
 end
 
 -- The room on another server (issue 13's federated measurement): home (localhost) holds
@@ -201,19 +207,8 @@ function shapes.fed(mode)
 	srv.peer = remote
 	local room = "bench@" .. REMOTE_MUC
 	local sender = Client.connect{ port = remote.port, host = REMOTE, user = "sender", resource = "s" }
-	sender:send(Client.muc_join(room .. "/sender", { history = { maxstanzas = 0 } }))
-	assert(sender:wait_for(function(el) return Client.muc_status(el)[110] end, 10))
-	local sessions = {}
-	for i = 1, 20 do
-		for r = 1, 3 do
-			local c = Client.connect{ port = srv.port, user = "user" .. i, resource = "r" .. r }
-			local nick = with_module and ("user" .. i) or ("user" .. i .. "-" .. r)
-			c:send(Client.muc_join(room .. "/" .. nick, { history = { maxstanzas = 0 } }))
-			assert(c:wait_for(function(el) return Client.muc_status(el)[110] end, 20))
-			sessions[#sessions + 1] = c
-		end
-	end
-	return srv, { { client = sender, room = room, count = MESSAGES } }, sessions, function() return MESSAGES end
+	return srv, { { client = sender, room = room, count = MESSAGES } },
+		join_twenty_by_three(srv, sender, room, with_module), function() return MESSAGES end
 end
 
 -- What went over s2s between home and remote (srv.peer), as the kernel counts it per TCP
