@@ -7,7 +7,8 @@
 -- `minimix_shared_archive = false` (a copy per account, mod_mam answers) and
 -- shared.localhost with the default (the shared archive). Each has alice (phone and laptop,
 -- nick PAlice / SAlice), carol (PCarol / SCarol) and erin (PErin / SErin), all in the SAME
--- room, with bob (a plain account) and dave, a contact on localhost (plain). Every step of
+-- room, with bob (a plain account) and dave, a contact on localhost or, with the room on
+-- another server, on that one (plain). Every step of
 -- the traffic is done by the per.localhost account and then by its shared.localhost twin
 -- with nothing said in the room in between, so both accounts of a pair get the same room
 -- messages, private messages and chats, and their archives must answer every MAM query
@@ -27,7 +28,9 @@ local PER, SHARED = "per.localhost", "shared.localhost"
 local HOSTS = { PER, SHARED }
 local PREFIX = { [PER] = "P", [SHARED] = "S" }
 local REMOTE, RMUC = "remote.localhost", "conference.remote.localhost"
-local CONTACT = "dave@localhost"
+-- dave, the accounts' contact: on this server's third VirtualHost, or (the room on another
+-- server) on that server, over s2s. Set by start().
+local CONTACT
 local ACCOUNTS = { "alice", "carol", "erin" }
 local NS_SID = "urn:xmpp:sid:0"
 local ROOM_OPTIONS = { muc_room_locking = false }
@@ -55,13 +58,16 @@ local function start(storage, federated, limit)
 		muc_options = ROOM_OPTIONS,
 	}
 	if not federated then
+		CONTACT = "dave@localhost"
 		local srv = Server.start(home)
 		return srv, srv, srv.muc_host, srv.host
 	end
+	CONTACT = "dave@" .. REMOTE
+	home.accounts = { bob = "pass" }
 	local srv, other = Server.federation{
 		home = home,
 		remote = { module = false, host = REMOTE, muc_host = RMUC, muc_options = ROOM_OPTIONS,
-			accounts = { bob = "pass" } },
+			accounts = { bob = "pass", dave = "pass" } },
 	}
 	return srv, other, RMUC, REMOTE
 end
@@ -85,7 +91,7 @@ end
 local function traffic(home, bob_srv, bob_host, room)
 	local t = {
 		bob = connect(bob_srv, "bob", "pc", { host = bob_host }),
-		dave = connect(home, "dave", "pc"),
+		dave = connect(bob_srv, "dave", "pc", { host = bob_host }),
 		said = 0,
 	}
 	for _, h in ipairs(HOSTS) do
