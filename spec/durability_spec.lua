@@ -153,7 +153,11 @@ for _, case in ipairs{
 
 				local tablet = connect(srv, "alice", "tablet")
 				local archived, n = archive_of(tablet, ROOM)
-				assert.equal(#bodies, n)
+				local missing = {}
+				for _, body in ipairs(bodies) do
+					if not archived[body] then missing[#missing + 1] = body end
+				end
+				assert.equal(#bodies, n, "missing: " .. table.concat(missing, ", "))
 				for _, body in ipairs(bodies) do
 					local found = archived[body] or {}
 					assert.equal(1, #found, body)
